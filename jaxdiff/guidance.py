@@ -1,0 +1,191 @@
+"""Guidance as transforms: a transform maps a denoiser to a denoiser.
+
+``transform(denoiser) -> denoiser``. Plain denoisers stay plain under stateless transforms; a stateful
+transform (built with :func:`stateful`) returns a :class:`~jaxdiff.denoiser.StatefulDenoiser` whose state
+is ``(own_state, inner_state)`` and which every solver carries through its scan. :func:`chain` composes
+transforms, the first one innermost: ``chain(a, b)(D) == b(a(D))``.
+
+Classifier-free guidance convention used throughout (in denoiser / x0 space, which is the same affine
+combination as in epsilon space because eps = (x - x0)/sigma is affine in x0 at fixed x, sigma):
+
+    D_w = D_u + w * (D_c - D_u)
+
+so ``w = 1`` is the conditional model, ``w = 0`` the unconditional one. Papers that write
+``(1 + w') eps_c - w' eps_u`` (Ho & Salimans) use ``w' = w - 1``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff import schedules
+from jaxdiff.denoiser import AnyDenoiser, StatefulDenoiser, expand_sigma
+
+Transform = Callable[[AnyDenoiser], AnyDenoiser]
+Call = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Compose transforms, first innermost; ``chain()`` is the identity."""
+
+    def apply(denoiser: AnyDenoiser) -> AnyDenoiser:
+        for t in transforms:
+            denoiser = t(denoiser)
+        return denoiser
+
+    return apply
+
+
+def stateless(combine: Callable[[Call, jax.Array, jax.Array, Any], jax.Array]) -> Transform:
+    """Build a transform from ``combine(call, x, sigma, cond) -> x0_hat``, where ``call(x, sigma, cond)``
+    evaluates the inner denoiser (as often as the method needs). Inner state, if any, is threaded
+    through the calls in order."""
+
+    def transform(inner: AnyDenoiser) -> AnyDenoiser:
+        if not isinstance(inner, StatefulDenoiser):
+            return lambda x, sigma, cond=None: combine(inner, x, sigma, cond)
+
+        def apply(x, sigma, cond, state):
+            call, final = _threaded(inner, state)
+            return combine(call, x, sigma, cond), final()
+
+        return StatefulDenoiser(inner.init, apply)
+
+    return transform
+
+
+def stateful(init: Callable[[jax.Array], Any],
+             update: Callable[[Call, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]) -> Transform:
+    """Build a stateful transform, optax-style.
+
+    init(x (B, ...)) -> state (a NamedTuple of arrays);
+    update(call, x, sigma, cond, state) -> (x0_hat, new_state), called once per evaluation of the
+    transformed denoiser, ``call`` evaluating the inner denoiser.
+    The resulting denoiser's state is ``(state, inner_state)``.
+    """
+
+    def transform(inner: AnyDenoiser) -> StatefulDenoiser:
+        inner_sd = inner if isinstance(inner, StatefulDenoiser) else None
+
+        def init_all(x):
+            return init(x), (inner_sd.init(x) if inner_sd else ())
+
+        def apply(x, sigma, cond, state):
+            own, inner_state = state
+            if inner_sd is None:
+                out, own = update(inner, x, sigma, cond, own)
+                return out, (own, inner_state)
+            call, final = _threaded(inner_sd, inner_state)
+            out, own = update(call, x, sigma, cond, own)
+            return out, (own, final())
+
+        return StatefulDenoiser(init_all, apply)
+
+    return transform
+
+
+def _threaded(inner: StatefulDenoiser, state):
+    """A plain call for a stateful denoiser that threads its state through successive calls (during
+    tracing, in program order) and a getter for the final state."""
+    box = [state]
+
+    def call(x, sigma, cond=None):
+        out, box[0] = inner.apply(x, sigma, cond, box[0])
+        return out
+
+    return call, lambda: box[0]
+
+
+# --- CFG weight schedules (Wang et al., "Analysis of Classifier-Free Guidance Weight Schedulers", TMLR 2024).
+# Each maps progress s in [0, 1] (0 = pure noise, 1 = clean; see schedules.progress) and the nominal weight w
+# to the weight used at that step; the parameter-free ones average to w over s in [0, 1].
+
+def _constant(s, w):
+    return w * jnp.ones_like(s)
+
+
+def _linear(s, w):
+    return 2 * w * s
+
+
+def _invlinear(s, w):
+    return 2 * w * (1 - s)
+
+
+def _cosine(s, w):
+    return w * (1 - jnp.cos(jnp.pi * s))
+
+
+def _sine(s, w):
+    return w * (1 + jnp.cos(jnp.pi * s))
+
+
+def _v_shape(s, w):
+    return 4 * w * jnp.abs(s - 0.5)
+
+
+def _lambda_shape(s, w):
+    return 2 * w * (1 - 2 * jnp.abs(s - 0.5))
+
+
+def _clamp_linear(s, w, c: float = 1.0):
+    return jnp.maximum(c, 2 * w * s)
+
+
+def _pcs(s, w, a: float = 1.0):
+    return w * (1 - jnp.cos(jnp.pi * s ** a))
+
+
+WEIGHT_SCHEDULES: dict[str, Callable] = {
+    "constant": _constant, "linear": _linear, "invlinear": _invlinear, "cosine": _cosine, "sine": _sine,
+    "v_shape": _v_shape, "lambda_shape": _lambda_shape, "clamp_linear": _clamp_linear, "pcs": _pcs,
+}
+
+
+def guidance_weight(weight: float, sigma, schedule: str = "constant", *, sigma_min: float = 0.002,
+                    sigma_max: float = 80.0, rho: float = 7.0, **schedule_kwargs) -> jax.Array:
+    """The scheduled weight at noise level sigma (() or (B,)): WEIGHT_SCHEDULES[schedule](progress(sigma), w).
+
+    schedule_kwargs: ``c`` for clamp_linear (the floor), ``a`` for pcs (the exponent).
+    """
+    if schedule not in WEIGHT_SCHEDULES:
+        raise ValueError(f"unknown CFG weight schedule {schedule!r}; choose one of {sorted(WEIGHT_SCHEDULES)}")
+    s = schedules.progress(sigma, sigma_min, sigma_max, rho)
+    return WEIGHT_SCHEDULES[schedule](s, weight, **schedule_kwargs)
+
+
+def cfg(weight: float, *, uncond=None, schedule: str = "constant", negative=None, negative_weight: float = 0.0,
+        negative_mode: str = "subtract", sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+        **schedule_kwargs) -> Transform:
+    """Classifier-free guidance D_u + w(sigma) (D_c - D_u), optionally with a negative condition.
+
+    weight: nominal guidance weight w (1 = conditional model; see the module docstring's convention).
+    uncond: the condition meaning "unconditional" passed to the inner denoiser (None: the networks and
+        mixtures treat None / zero labels as unconditional).
+    schedule: a key of WEIGHT_SCHEDULES; progress is measured on the Karras time of (sigma_min, sigma_max, rho).
+    negative: a negative condition (same structure as cond). With negative_mode='subtract':
+        D = D_u + w (D_c - D_u) - w_n (D_neg - D_u); with 'replace': D_neg takes D_u's place,
+        D = D_neg + w (D_c - D_neg). w_n = negative_weight (scheduled like w).
+    Shapes: x (B, ...), sigma () or (B,), cond the inner denoiser's.
+    """
+    if negative_mode not in ("subtract", "replace"):
+        raise ValueError(f"negative_mode must be 'subtract' or 'replace', got {negative_mode!r}")
+    sched = dict(schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, **schedule_kwargs)
+    guidance_weight(weight, 1.0, **sched)  # fail fast on a bad schedule name or argument
+
+    def combine(call, x, sigma, cond):
+        w = expand_sigma(guidance_weight(weight, sigma, **sched), x)
+        d_c = call(x, sigma, cond)
+        if negative is not None and negative_mode == "replace":
+            d_n = call(x, sigma, negative)
+            return d_n + w * (d_c - d_n)
+        d_u = call(x, sigma, uncond)
+        out = d_u + w * (d_c - d_u)
+        if negative is not None:
+            w_n = expand_sigma(guidance_weight(negative_weight, sigma, **sched), x)
+            out = out - w_n * (call(x, sigma, negative) - d_u)
+        return out
+
+    return stateless(combine)

@@ -1,0 +1,108 @@
+"""Preconditioning (Karras et al. 2022, Table 1): a raw network F becomes a denoiser D(x, sigma, cond).
+
+    D(x, sigma, cond) = c_skip(sigma) * x + c_out(sigma) * F(c_in(sigma) * x, c_noise(sigma), cond)
+
+Each ``*_coeffs`` function returns (c_skip, c_out, c_in, c_noise) for sigma of shape (B,) — the
+independent, testable part. :func:`precondition` applies them to any raw function
+``F(x_in (B,...), c_noise (B,), cond) -> (B,...)``; :func:`edm`, :func:`vp`, :func:`ve` and :func:`iddpm`
+bind a Flax network and its variables, calling it like the EDM reference:
+``net.apply(variables, x, noise_labels, class_labels, augment_labels=..., train=..., rngs=...)``.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxdiff import schedules
+from jaxdiff.denoiser import Denoiser, expand_sigma, per_sample_sigma
+
+Coeffs = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+RawNet = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
+
+def edm_coeffs(sigma: jax.Array, sigma_data: float = schedules.SIGMA_DATA) -> Coeffs:
+    """EDM: c_skip = sd^2/(s^2+sd^2), c_out = s*sd/sqrt(s^2+sd^2), c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4."""
+    s2, d2 = sigma ** 2, sigma_data ** 2
+    return d2 / (s2 + d2), sigma * sigma_data / jnp.sqrt(s2 + d2), 1 / jnp.sqrt(s2 + d2), jnp.log(sigma) / 4
+
+
+def vp_coeffs(sigma: jax.Array, beta_d: float = schedules.VP_BETA_D, beta_min: float = schedules.VP_BETA_MIN,
+              M: int = schedules.VP_M) -> Coeffs:
+    """VP: c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = (M-1) * t(s) (the network predicts eps)."""
+    return (jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma ** 2 + 1),
+            (M - 1) * schedules.vp_sigma_inv(sigma, beta_d, beta_min))
+
+
+def ve_coeffs(sigma: jax.Array) -> Coeffs:
+    """VE: c_skip = 1, c_out = s, c_in = 1, c_noise = ln(s/2)."""
+    return jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma)
+
+
+def iddpm_coeffs(sigma: jax.Array, M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
+                 C_2: float = schedules.IDDPM_C2) -> Coeffs:
+    """iDDPM: c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = M - 1 - j(s), j the nearest discrete index."""
+    j = schedules.round_sigma_to_grid(sigma, schedules.iddpm_u(M, C_1, C_2), return_index=True)
+    return jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma ** 2 + 1), (M - 1 - j).astype(jnp.float32)
+
+
+def precondition(raw: RawNet, coeffs: Callable[[jax.Array], Coeffs], out_channels: Optional[int] = None) -> Denoiser:
+    """Turn a raw network F into a denoiser D(x (B,...), sigma () or (B,), cond) -> (B,...).
+
+    Coefficients are computed in float32; F sees ``c_in * x`` cast to x's dtype. ``out_channels`` keeps
+    only the first channels of F's output (iDDPM networks also output a learned variance).
+    """
+
+    def denoise(x: jax.Array, sigma, cond=None) -> jax.Array:
+        x = x.astype(jnp.float32)
+        s = per_sample_sigma(sigma, x)
+        c_skip, c_out, c_in, c_noise = coeffs(s)
+        f = raw(expand_sigma(c_in, x) * x, c_noise, cond).astype(jnp.float32)
+        if out_channels is not None:
+            f = f[..., :out_channels]
+        return expand_sigma(c_skip, x) * x + expand_sigma(c_out, x) * f
+
+    return denoise
+
+
+def network(net, variables, *, label_dim: int = 0, augment_labels=None, train: bool = False,
+            rngs: Optional[dict] = None) -> RawNet:
+    """Bind a Flax EDM-style network into a raw function F(x_in, c_noise, cond).
+
+    cond is the (B, label_dim) class-label matrix or None; with label_dim > 0 and cond None the
+    network sees zeros (unconditional, as the reference). augment_labels (B, augment_dim) or None.
+    """
+
+    def raw(x_in, c_noise, cond):
+        labels = cond
+        if label_dim and labels is None:
+            labels = jnp.zeros((x_in.shape[0], label_dim), jnp.float32)
+        return net.apply(variables, x_in, c_noise, labels, augment_labels=augment_labels, train=train,
+                         rngs=rngs)
+
+    return raw
+
+
+def _bind(coeffs_fn):
+    def make(net, variables, *, label_dim: int = 0, augment_labels=None, train: bool = False,
+             rngs: Optional[dict] = None, out_channels: Optional[int] = None, **coeff_kwargs) -> Denoiser:
+        raw = network(net, variables, label_dim=label_dim, augment_labels=augment_labels, train=train, rngs=rngs)
+        return precondition(raw, partial(coeffs_fn, **coeff_kwargs), out_channels)
+
+    make.__doc__ = (f"Denoiser from a Flax network with {coeffs_fn.__name__} preconditioning.\n\n"
+                    "Args: net, variables ({'params': ...}), label_dim, augment_labels (B, augment_dim), train, rngs,\n"
+                    "out_channels (keep the first channels of F), and the keyword constants of "
+                    f"{coeffs_fn.__name__}.\nReturns D(x (B,H,W,C), sigma () or (B,), class_labels (B,label_dim) or None).")
+    return make
+
+
+edm = _bind(edm_coeffs)
+vp = _bind(vp_coeffs)
+ve = _bind(ve_coeffs)
+iddpm = _bind(iddpm_coeffs)
+
+# Noise-level ranges each parametrisation supports (the reference's sigma_min / sigma_max attributes).
+VP_SIGMA_RANGE = (float(schedules.vp_sigma(schedules.VP_EPSILON_T)), float(schedules.vp_sigma(1.0)))
+VE_SIGMA_RANGE = (schedules.VE_SIGMA_MIN, schedules.VE_SIGMA_MAX)

@@ -1,0 +1,173 @@
+"""Noise-level (sigma) grids and the sigma(t) parametrisations of EDM, VP, VE and iDDPM.
+
+Everything here works in EDM's unscaled convention: a noisy sample is ``x = x0 + sigma * n`` with
+``n ~ N(0, I)``. The VP process's scaled variable is ``s(t) * x`` with ``s(t) = 1 / sqrt(1 + sigma(t)^2)``.
+Grids are returned in decreasing order with a final 0 appended (``num_steps + 1`` entries), the layout
+every solver in :mod:`jaxdiff.solvers` consumes.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+# Constants of the EDM reference (Karras et al. 2022, Table 1 and the reference code).
+SIGMA_DATA = 0.5
+VP_BETA_D = 19.9
+VP_BETA_MIN = 0.1
+VP_EPSILON_T = 1e-5
+VP_M = 1000
+VE_SIGMA_MIN = 0.02
+VE_SIGMA_MAX = 100.0
+IDDPM_C1 = 0.001
+IDDPM_C2 = 0.008
+IDDPM_M = 1000
+
+
+def append_zero(sigmas: np.ndarray) -> np.ndarray:
+    """(N,) -> (N+1,): the grid with sigma_N = 0 appended (the last step lands on the data)."""
+    return np.concatenate([np.asarray(sigmas, np.float64), np.zeros(1)])
+
+
+def karras_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                  rho: float = 7.0) -> np.ndarray:
+    """EDM's grid, (num_steps + 1,) float64, decreasing, last entry 0.
+
+    sigma_i = (sigma_max^(1/rho) + i/(N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N.
+    """
+    _check_steps(num_steps)
+    i = np.arange(num_steps, dtype=np.float64)
+    inv = 1.0 / rho
+    ramp = i / max(num_steps - 1, 1)
+    sig = (sigma_max ** inv + ramp * (sigma_min ** inv - sigma_max ** inv)) ** rho
+    return append_zero(sig)
+
+
+def vp_sigma(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """VP sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1); t in [epsilon_t, 1], any shape."""
+    xp = _xp(t)
+    return xp.sqrt(xp.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+
+
+def vp_sigma_inv(sigma, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """Inverse of :func:`vp_sigma`: t(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(1+sigma^2)) - beta_min) / beta_d."""
+    xp = _xp(sigma)
+    return (xp.sqrt(beta_min ** 2 + 2 * beta_d * xp.log1p(sigma ** 2)) - beta_min) / beta_d
+
+
+def vp_sigma_deriv(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """d sigma / dt of the VP schedule: (beta_min + beta_d t)/2 * (sigma + 1/sigma)."""
+    s = vp_sigma(t, beta_d, beta_min)
+    return 0.5 * (beta_min + beta_d * t) * (s + 1 / s)
+
+
+def vp_beta(t, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN):
+    """Instantaneous VP rate beta(t) = beta_min + beta_d t (Song's beta_min=0.1, beta_max=20 gives beta_d=19.9)."""
+    return beta_min + beta_d * t
+
+
+def vp_scale(sigma):
+    """VP scaling s = 1/sqrt(1 + sigma^2): the scaled sample is s * x (EDM's unscaled x)."""
+    xp = _xp(sigma)
+    return 1.0 / xp.sqrt(1.0 + sigma ** 2)
+
+
+def vp_sigmas(num_steps: int = 18, epsilon_s: float = 1e-3, beta_d: float = VP_BETA_D,
+              beta_min: float = VP_BETA_MIN) -> np.ndarray:
+    """Song et al.'s VP grid: t uniform from 1 down to epsilon_s, sigma = vp_sigma(t); (num_steps+1,)."""
+    _check_steps(num_steps)
+    t = 1.0 + np.arange(num_steps) / max(num_steps - 1, 1) * (epsilon_s - 1.0)
+    return append_zero(vp_sigma(t, beta_d, beta_min))
+
+
+def ddpm_alpha_bar(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """DDPM's discrete abar_t = prod_{s<=t} (1 - beta_s), t = 1..T, betas linear in [beta_start, beta_end]; (T,)."""
+    return np.cumprod(1.0 - np.linspace(beta_start, beta_end, T, dtype=np.float64))
+
+
+def ddpm_sigmas(num_steps: int = 50, T: int = 1000, beta_start: float = 1e-4,
+                beta_end: float = 0.02) -> np.ndarray:
+    """DDPM/DDIM grid: ``num_steps`` evenly spaced timesteps of the linear-beta DDPM, as EDM sigmas
+    sigma_t = sqrt((1 - abar_t) / abar_t), from t = T down to t = 1; (num_steps+1,)."""
+    _check_steps(num_steps)
+    abar = ddpm_alpha_bar(T, beta_start, beta_end)
+    t = np.round(np.linspace(T - 1, 0, num_steps)).astype(np.int64)
+    return append_zero(np.sqrt((1.0 - abar[t]) / abar[t]))
+
+
+def ve_sigma(t):
+    """EDM's VE parametrisation sigma(t) = sqrt(t) (t is the variance)."""
+    xp = _xp(t)
+    return xp.sqrt(t)
+
+
+def ve_sigma_inv(sigma):
+    """Inverse of :func:`ve_sigma`: t = sigma^2."""
+    return sigma ** 2
+
+
+def ve_sigmas(num_steps: int = 18, sigma_min: float = VE_SIGMA_MIN,
+              sigma_max: float = VE_SIGMA_MAX) -> np.ndarray:
+    """Song et al.'s VE grid: geometric from sigma_max to sigma_min; (num_steps+1,)."""
+    _check_steps(num_steps)
+    ramp = np.arange(num_steps) / max(num_steps - 1, 1)
+    return append_zero(sigma_max * (sigma_min / sigma_max) ** ramp)
+
+
+def iddpm_alpha_bar(j, M: int = IDDPM_M, C_2: float = IDDPM_C2):
+    """Improved-DDPM cosine alpha-bar at discrete index j in [0, M]: sin^2(pi/2 * j / M / (C_2 + 1))."""
+    return np.sin(0.5 * np.pi * np.asarray(j, np.float64) / M / (C_2 + 1)) ** 2
+
+
+def iddpm_u(M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2) -> np.ndarray:
+    """The M+1 discrete sigmas of iDDPM, u_M = 0 < u_{M-1} < ... < u_0 (float64, (M+1,)).
+
+    u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C_1) - 1), as in the EDM reference.
+    """
+    u = np.zeros(M + 1)
+    for j in range(M, 0, -1):
+        ratio = max(iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2), C_1)
+        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratio - 1)
+    return u
+
+
+def iddpm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 81.0,
+                 M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2) -> np.ndarray:
+    """iDDPM grid: num_steps entries of the discrete u grid inside [sigma_min, sigma_max], evenly by index."""
+    _check_steps(num_steps)
+    u = iddpm_u(M, C_1, C_2)
+    kept = u[(u >= sigma_min) & (u <= sigma_max)]
+    idx = np.round((len(kept) - 1) / max(num_steps - 1, 1) * np.arange(num_steps)).astype(np.int64)
+    return append_zero(kept[idx])
+
+
+def round_sigma_to_grid(sigma, grid, return_index: bool = False):
+    """Nearest entry of a discrete sigma grid (iDDPM's round_sigma); sigma any shape, grid (K,).
+
+    Returns the rounded sigmas (same shape) or, with return_index, their int32 indices into grid.
+    """
+    grid = jnp.asarray(grid, jnp.float32)
+    sigma = jnp.asarray(sigma, jnp.float32)
+    idx = jnp.argmin(jnp.abs(sigma[..., None] - grid), axis=-1).astype(jnp.int32)
+    return idx if return_index else grid[idx]
+
+
+def progress(sigma, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    """Sampling progress s in [0, 1] of a noise level: 0 at sigma_max (pure noise), 1 at sigma_min.
+
+    Measured in EDM's rho-warped time, so it is linear in the step index on the Karras grid; clipped.
+    """
+    inv = 1.0 / rho
+    s = (sigma_max ** inv - jnp.asarray(sigma) ** inv) / (sigma_max ** inv - sigma_min ** inv)
+    return jnp.clip(s, 0.0, 1.0)
+
+
+def _xp(a):
+    """numpy for host-side grids (float64), jax.numpy for traced values."""
+    return np if isinstance(a, (np.ndarray, np.generic, float, int)) else jnp
+
+
+def _check_steps(num_steps: int) -> None:
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
