@@ -4,7 +4,9 @@
                              [--dtype bfloat16] [--steps N]
 
 Prints the parameter count, the jitted step times (after one warm-up call, synchronised with block_until_ready),
-img/s for each and the device, then one JSON line with the same numbers.
+img/s for each, the model FLOPs of each step (bench/flops.py: 2 x MACs of matmuls and convolutions) and the
+model FLOP utilisation (MFU) against the device's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s;
+--peak_tflops overrides), then one JSON line.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.nets import DhariwalUNet, SongUNet
+
+from flops import count_flops
 
 _DDPMPP_CIFAR = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128, channel_mult=(2, 2, 2),
                      channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.13,
@@ -47,8 +51,12 @@ def make_inputs(net, batch: int, key: jax.Array):
     return x, noise, labels, augment
 
 
+# Dense bf16 peak FLOP/s by device kind prefix, for the MFU estimate.
+PEAK_BF16 = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'TPU v5p': 459e12, 'TPU v4': 275e12}
+
+
 def time_steps(fn, args, steps: int) -> float:
-    """Seconds per call of the jitted ``fn(*args)``, after one warm-up (compile) call."""
+    """Seconds per call of ``fn(*args)`` after one warm-up call."""
     jax.block_until_ready(fn(*args))
     start = time.perf_counter()
     for _ in range(steps):
@@ -63,6 +71,7 @@ def main() -> None:
     parser.add_argument('--batch', type=int, required=True)
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     parser.add_argument('--steps', type=int, default=10)
+    parser.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU (default by device)')
     args = parser.parse_args()
 
     cls, kwargs = NETS[args.net]
@@ -81,15 +90,28 @@ def main() -> None:
             return jnp.mean(jnp.square(out.astype(jnp.float32)))
         return jax.grad(loss)(v['params'])
 
-    fwd_s = time_steps(forward, (variables, *inputs), args.steps)
-    fwd_bwd_s = time_steps(forward_backward, (variables, jax.random.key(2), *inputs), args.steps)
+    kind = jax.devices()[0].device_kind
+    peak = 1e12 * args.peak_tflops if args.peak_tflops else next(
+        (v for k, v in PEAK_BF16.items() if kind.startswith(k)), None)
     result = dict(net=args.net, batch=args.batch, dtype=args.dtype, params=params, device=str(jax.devices()[0]),
-                  device_kind=jax.devices()[0].device_kind, forward_ms=1e3 * fwd_s,
-                  forward_img_per_s=args.batch / fwd_s, forward_backward_ms=1e3 * fwd_bwd_s,
-                  forward_backward_img_per_s=args.batch / fwd_bwd_s)
-    print(f'{args.net}: {params:,} params, batch {args.batch}, {args.dtype}, on {result["device_kind"]}')
-    for label, key in (('forward', 'forward'), ('forward+backward', 'forward_backward')):
-        print(f'  {label:16s} {result[key + "_ms"]:9.2f} ms  {result[key + "_img_per_s"]:10.1f} img/s')
+                  device_kind=kind)
+    steps = (('forward', forward, (variables, *inputs)),
+             ('forward_backward', forward_backward, (variables, jax.random.key(2), *inputs)))
+    for name, fn, fn_args in steps:
+        start = time.perf_counter()
+        compiled = fn.lower(*fn_args).compile()
+        flops = count_flops(fn, *fn_args)
+        result[name + '_compile_s'] = time.perf_counter() - start
+        secs = time_steps(compiled, fn_args, args.steps)
+        result[name + '_ms'] = 1e3 * secs
+        result[name + '_img_per_s'] = args.batch / secs
+        result[name + '_gflop'] = flops / 1e9 if flops else None
+        result[name + '_mfu'] = flops / secs / peak if flops and peak else None
+    print(f'{args.net}: {params:,} params, batch {args.batch}, {args.dtype}, on {kind}')
+    for name, _, _ in steps:
+        mfu = result[name + '_mfu']
+        print(f'  {name.replace("_", "+"):16s} {result[name + "_ms"]:9.2f} ms  {result[name + "_img_per_s"]:10.1f} img/s'
+              f'  compile {result[name + "_compile_s"]:6.1f} s' + (f'  MFU {100 * mfu:5.1f}%' if mfu else ''))
     print(json.dumps(result))
 
 
