@@ -46,7 +46,7 @@ def vp_levels(beta_d: float = schedules.VP_BETA_D, beta_min: float = schedules.V
 def ve_levels(sigma_min: float = schedules.VE_SIGMA_MIN, sigma_max: float = schedules.VE_SIGMA_MAX) -> NoiseLevels:
     """VE: ln sigma ~ U(ln sigma_min, ln sigma_max); weight 1 / sigma^2."""
     return NoiseLevels(
-        sample=lambda key, b: sigma_min * (sigma_max / sigma_min) ** jax.random.uniform(key, (b,)),
+        sample=lambda key, b: schedules.song_ve_sigma(jax.random.uniform(key, (b,)), sigma_min, sigma_max),
         weight=lambda s: 1 / s ** 2,
     )
 

@@ -107,12 +107,17 @@ def ve_sigma_inv(sigma):
     return sigma ** 2
 
 
+def song_ve_sigma(t, sigma_min: float = VE_SIGMA_MIN, sigma_max: float = VE_SIGMA_MAX):
+    """Song et al.'s geometric VE schedule sigma(t) = sigma_min (sigma_max / sigma_min)^t, t in [0, 1], any shape."""
+    return sigma_min * (sigma_max / sigma_min) ** t
+
+
 def ve_sigmas(num_steps: int = 18, sigma_min: float = VE_SIGMA_MIN,
               sigma_max: float = VE_SIGMA_MAX) -> np.ndarray:
     """Song et al.'s VE grid: geometric from sigma_max to sigma_min; (num_steps+1,)."""
     _check_steps(num_steps)
     ramp = np.arange(num_steps) / max(num_steps - 1, 1)
-    return append_zero(sigma_max * (sigma_min / sigma_max) ** ramp)
+    return append_zero(song_ve_sigma(1.0 - ramp, sigma_min, sigma_max))
 
 
 def iddpm_alpha_bar(j, M: int = IDDPM_M, C_2: float = IDDPM_C2):

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.denoiser import as_stateful, score_from_x0
-from jaxdiff.schedules import vp_beta, vp_scale, vp_sigma
+from jaxdiff.schedules import song_ve_sigma, vp_beta, vp_scale, vp_sigma
 from jaxdiff.solvers._scan import (INTERNAL_DTYPE, check_key, denoise, per_sample_norm, scan_steps, step_noise,
                                    to_steps)
 from jaxdiff.solvers.langevin import langevin_update
@@ -55,7 +55,7 @@ def _sde_grid(sde: str, num_steps: int, eps_t, beta_min: float, beta_max: float,
         log_ratio = math.log(sigma_max / sigma_min)
 
         def coefs(t):
-            sigma = sigma_min * (sigma_max / sigma_min) ** t
+            sigma = song_ve_sigma(t, sigma_min, sigma_max)
             return dict(sigma=sigma, scale=np.ones_like(t), f=np.zeros_like(t), g2=2 * sigma ** 2 * log_ratio)
         init_scale = sigma_max
     else:
