@@ -15,7 +15,7 @@ so ``w = 1`` is the conditional model, ``w = 0`` the unconditional one. Papers t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp

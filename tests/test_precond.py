@@ -1,7 +1,6 @@
 """Preconditioning coefficients against hand-computed numbers, and the denoiser it builds."""
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

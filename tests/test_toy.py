@@ -1,5 +1,4 @@
 """Exact mixture denoisers against numerical integration and closed forms."""
-import math
 
 import jax
 import jax.numpy as jnp
