@@ -1,0 +1,76 @@
+"""The training configuration: every field, its default and a one-line comment.
+
+``configs/NAME.py`` files define ``get_config()`` by starting from :func:`base_config` and overriding fields;
+the ConfigDict is locked, so a misspelt or unknown key is an error, not a silent new field.
+Sizes of time are in images ("img"), as in EDM, so they do not change meaning with the batch size.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All training fields with defaults (EDM's CIFAR-10 DDPM++ recipe where the field has one)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0                      # PRNG seed for init, data order, noise and sampling
+    c.batch_size = 512              # global batch size (all hosts and devices together)
+    c.total_steps = 390_625         # optimizer steps to train (200 Mimg at batch 512)
+    c.checkpoint_every = 5_000      # steps between checkpoints (also saved at the end and on SIGTERM/SIGINT)
+    c.keep_checkpoints = 3          # how many recent checkpoints to keep
+    c.log_every = 100               # steps between progress lines / TensorBoard scalars
+    c.sample_every = 10_000         # steps between PNG sample grids from the EMA params (0 = never)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = 'digits'        # digits | fashion_mnist | npz | folder | array_record | tfds
+    c.data.path = ''                # file or folder for npz / folder / array_record / fashion_mnist ('' = Debian's)
+    c.data.tfds_name = ''           # TFDS dataset name (source=tfds), e.g. 'cifar10'
+    c.data.split = 'train'          # dataset split
+    c.data.resolution = 0           # image side after padding/resizing (0 = the source's own)
+    c.data.use_labels = True        # feed class labels (class-conditional training)
+    c.data.xflip = False            # dataset x-flips (doubles the data as in EDM's --xflip)
+    c.data.shuffle_seed = -1        # data-order seed (-1 = use the top-level seed)
+    c.data.worker_count = 0         # grain worker processes (0 = in the main process)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.arch = 'ddpmpp'         # ddpmpp | ncsnpp | adm (SongUNet / SongUNet / DhariwalUNet presets)
+    c.model.precond = 'edm'         # edm | vp | ve (preconditioning; the loss follows it)
+    c.model.model_channels = 128    # base channel count
+    c.model.channel_mult = (2, 2, 2)  # per-resolution channel multipliers
+    c.model.channel_mult_emb = 4    # embedding width multiplier (SongUNet)
+    c.model.num_blocks = 4          # residual blocks per resolution
+    c.model.attn_resolutions = (16,)  # resolutions with self-attention
+    c.model.dropout = 0.13          # dropout probability
+    c.model.label_dropout = 0.0     # probability of dropping class labels (>0 trains for classifier-free guidance)
+    c.model.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params stay float32)
+    c.model.sigma_data = 0.5        # expected data std (EDM preconditioning and loss)
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.P_mean = -1.2            # EDM: mean of ln(sigma)
+    c.loss.P_std = 1.2              # EDM: std of ln(sigma)
+    c.loss.augment_p = 0.12         # EDM non-leaky augmentation probability (0 = off)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3               # Adam learning rate after ramp-up
+    c.optim.beta1 = 0.9             # Adam beta1
+    c.optim.beta2 = 0.999           # Adam beta2
+    c.optim.eps = 1e-8              # Adam epsilon
+    c.optim.lr_rampup_img = 10_000_000  # images over which lr ramps linearly from 0 (EDM: 10 Mimg)
+
+    c.ema = ml_collections.ConfigDict()
+    c.ema.halflife_img = 500_000    # EMA half-life in images (EDM: 0.5 Mimg)
+    c.ema.rampup_ratio = 0.05       # half-life is at most this fraction of images seen so far (None/0 = off)
+
+    c.sampling = ml_collections.ConfigDict()
+    c.sampling.num_images = 64      # images in each PNG sample grid
+    c.sampling.num_steps = 18       # EDM sampler steps for the grids
+    c.sampling.guidance = 1.0       # CFG weight for the grids (1 = plain conditional)
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.fsdp = 1             # size of the mesh's fsdp axis (params and optimizer state sharded over it)
+    return c
+
+
+def locked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config locked against new keys (unknown keys in overrides then raise)."""
+    config.lock()
+    return config
