@@ -3,6 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+TEST_STAMP := $(VENV)/.installed-tfds-stamp
 OUT ?= out/demo
 
 .PHONY: demo test bench clean
@@ -16,7 +17,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m jaxdiff.demo --out $(OUT)
 
-test: $(STAMP)
+# The tests also exercise the TFDS source, so they install the optional `tfds` extra (no TensorFlow).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev,tfds]'
+	touch $(TEST_STAMP)
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
