@@ -1,0 +1,67 @@
+"""Config -> network and network -> denoiser: EDM's architecture presets (train.py's ddpmpp / ncsnpp / adm).
+
+Only the preset-specific options are fixed here; sizes (model_channels, channel_mult, ...) and regularisation
+(dropout, label_dropout) come from ``config.model``. label_dim is the class count when ``config.data.use_labels``,
+augment_dim is 9 when ``config.loss.augment_p > 0`` (the augmentation's labels are fed to the net).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxdiff import precond
+from jaxdiff.denoiser import Denoiser
+from jaxdiff.nets import DhariwalUNet, SongUNet
+
+AUGMENT_DIM = 9
+PRESETS = {
+    'ddpmpp': dict(embedding_type='positional', encoder_type='standard', decoder_type='standard',
+                   channel_mult_noise=1, resample_filter=(1, 1)),
+    'ncsnpp': dict(embedding_type='fourier', encoder_type='residual', decoder_type='standard',
+                   channel_mult_noise=2, resample_filter=(1, 3, 3, 1)),
+    'adm': {},
+}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+PRECONDS = {'edm': precond.edm, 'vp': precond.vp, 've': precond.ve}
+
+
+def _choice(name: str, value: str, table: dict) -> Any:
+    """table[value], or one clear error naming the config field and its allowed values."""
+    if value not in table:
+        raise ValueError(f'config.model.{name}={value!r} is not supported: use one of {sorted(table)}.')
+    return table[value]
+
+
+def build_net(config, info) -> nn.Module:
+    """The denoiser network for ``config.model`` on data described by ``info`` (resolution, channels, num_classes).
+
+    Returns a SongUNet (ddpmpp, ncsnpp) or DhariwalUNet (adm) taking x (B, res, res, channels) and returning the
+    same shape; float32 params, compute in ``config.model.dtype``.
+    """
+    m = config.model
+    preset = _choice('arch', m.arch, PRESETS)
+    common = dict(
+        img_resolution=info.resolution, in_channels=info.channels, out_channels=info.channels,
+        label_dim=info.num_classes if config.data.use_labels else 0,
+        augment_dim=AUGMENT_DIM if config.loss.augment_p > 0 else 0,
+        model_channels=m.model_channels, channel_mult=tuple(m.channel_mult), channel_mult_emb=m.channel_mult_emb,
+        num_blocks=m.num_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+        label_dropout=m.label_dropout, dtype=_choice('dtype', m.dtype, DTYPES))
+    if m.arch == 'adm':
+        return DhariwalUNet(**common)
+    return SongUNet(**common, **preset)
+
+
+def denoiser_fn(config, net: nn.Module, variables: dict, *, train: bool = False, rngs: Optional[dict] = None,
+                augment_labels=None) -> Denoiser:
+    """D(x (B,H,W,C), sigma () or (B,), class_labels (B, label_dim) or None) -> (B,H,W,C) float32.
+
+    Preconditioning per ``config.model.precond`` (edm uses ``config.model.sigma_data``); ``variables`` is
+    {'params': ...} plus 'buffers' for NCSN++; ``rngs`` {'dropout': key} when train; augment_labels (B, 9).
+    """
+    make = _choice('precond', config.model.precond, PRECONDS)
+    extra = dict(sigma_data=config.model.sigma_data) if config.model.precond == 'edm' else {}
+    return make(net, variables, label_dim=net.label_dim, augment_labels=augment_labels, train=train, rngs=rngs,
+                **extra)
