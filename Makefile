@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# Train the digits config (resumes if out/demo/digits exists), print its last sample grid, then the 2-D solver demo.
 demo: $(STAMP)
+	$(BIN)/python train.py --config configs/digits.py --workdir $(OUT)/digits
+	@echo "digits sample grid: $$(ls $(OUT)/digits/samples/step_*.png | sort | tail -1)"
 	$(BIN)/python -m jaxdiff.demo --out $(OUT)
 
 # The tests also exercise the TFDS source, so they install the optional `tfds` extra (no TensorFlow).

@@ -1,0 +1,341 @@
+"""Checkpoints: orbax CheckpointManager (async, keep N) under ``workdir/checkpoints/<step>/``, plus the config.
+
+Each checkpoint holds three items:
+
+- ``state``: the TrainState as a dict (step, params, ema, opt_state, buffers, nonfinite), sharded arrays;
+- ``data``:  every host's data-iterator state, JSON ``{"process_count": P, "states": [state_0, ..., state_P-1]}``;
+- ``meta``:  JSON ``{"step", "fingerprint", "config"}``; ``fingerprint`` is two uint32 checksums per state leaf,
+  checked after restore, so a truncated or altered file is detected even where the storage layer would not notice.
+
+Rules: a step directory orbax never finalised (a ``<step>.orbax-checkpoint-tmp`` dir left by kill -9) is ignored
+and moved to ``workdir/corrupt_checkpoints/`` (orbax would delete it when saving that step again); a finalised one that fails to restore or to verify is skipped with a warning and, if
+an older one restores, moved (never deleted) to ``workdir/corrupt_checkpoints/`` so the run can save that step
+again. If every checkpoint is unusable, :class:`CheckpointError` names them and nothing is touched.
+``workdir/config.json`` is the run's config; :func:`check_config` refuses a different one unless allowed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+ITEMS = ('state', 'data', 'meta')
+CONFIG_FILE = 'config.json'
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint that cannot be written; the message is one line."""
+
+
+class ConfigMismatchError(ValueError):
+    """The workdir's saved config differs from the new one; the message names the keys."""
+
+
+# ----------------------------------------------------------------------------------------------- config JSON
+
+def config_dict(config) -> dict:
+    """The ConfigDict as a JSON-normalised dict (tuples become lists)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def _flatten(d: Any, prefix: str = '') -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f'{prefix}.{k}' if prefix else k))
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    """Dotted keys whose values differ (or exist in one only), sorted."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k, '<absent>') != b.get(k, '<absent>'))
+
+
+def check_config(workdir: str, config, allow_change: bool, *, write: bool = True) -> None:
+    """Refuse a workdir whose config.json differs from ``config`` (unless ``allow_change``), then write it.
+
+    With ``allow_change`` the previous config.json is kept as ``config.<unix time>.json`` (nothing is lost).
+    Raises ConfigMismatchError (one line naming the differing keys). ``write=False``: check only (other hosts).
+    """
+    path = os.path.join(workdir, CONFIG_FILE)
+    new = config_dict(config)
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigMismatchError(f'{path} is unreadable ({e}); restore it or use a new --workdir') from e
+        diff = config_diff(old, new)
+        if not diff:
+            return
+        if not allow_change:
+            shown = ', '.join(f'{k} ({_flatten(old).get(k, "<absent>")!r} -> {_flatten(new).get(k, "<absent>")!r})'
+                              for k in diff[:8]) + (' ...' if len(diff) > 8 else '')
+            raise ConfigMismatchError(f'config differs from {path} in {shown}; pass --allow_config_change to resume '
+                                      'with the new config, or use a new --workdir')
+        logging.warning('config changed in %s; resuming with the new config', ', '.join(diff))
+        if write:
+            os.replace(path, os.path.join(workdir, f'config.{int(time.time())}.json'))
+    if write:
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(new, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- fingerprints
+
+def _leaf_sums(x: jax.Array) -> jax.Array:
+    """Two wrapping uint32 checksums of a leaf's bits: sum(u) and sum(u * (2 i + 1)), i the flat index."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        u = x.astype(jnp.uint32)
+    else:
+        width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        u = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    u = u.reshape(-1)
+    idx = jnp.arange(u.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(u, dtype=jnp.uint32), jnp.sum(u * idx, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _fingerprint_arrays(leaves):
+    return [_leaf_sums(x) for x in leaves]
+
+
+def fingerprint(tree) -> dict[str, list[int]]:
+    """Checksums of every leaf of a pytree of (possibly sharded, multi-host) arrays: {'params/enc/...': [s1, s2]}.
+
+    Keys are the leaves' simple paths, so a tree restored as plain dicts/lists matches the saved one. Integer sums
+    wrap, so the result does not depend on the reduction order, device count or sharding.
+    """
+    paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(_fingerprint_arrays([leaf for _, leaf in paths_leaves]))
+    return {jax.tree_util.keystr(path, simple=True, separator='/'): [int(v) for v in np.asarray(s)]
+            for (path, _), s in zip(paths_leaves, sums)}
+
+
+# ----------------------------------------------------------------------------------------------- data state
+
+def gather_data_states(local_state: dict) -> dict:
+    """Every process's JSON iterator state -> {"process_count": P, "states": [...]} (identical on all hosts)."""
+    if jax.process_count() == 1:
+        return {'process_count': 1, 'states': [local_state]}
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(local_state).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.int32(raw.size)))
+    padded = np.zeros((int(lengths.max()),), np.uint8)
+    padded[:raw.size] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    states = [json.loads(every[i, :lengths[i]].tobytes().decode()) for i in range(len(lengths))]
+    return {'process_count': len(states), 'states': states}
+
+
+# ----------------------------------------------------------------------------------------------- manager
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+class Checkpointer:
+    """Saves and restores training checkpoints in ``workdir/checkpoints`` (see the module docstring).
+
+    ``state_to_tree`` / ``tree_to_state`` convert the TrainState to and from the plain dict that is stored.
+    """
+
+    def __init__(self, workdir: str, keep: int, *, use_async: bool = True):
+        self.workdir = workdir
+        self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+        self.keep = keep
+        self.use_async = use_async
+        self._manager: Optional[ocp.CheckpointManager] = None
+        self._last_saved = -1
+
+    # -- manager lifecycle
+    def _open(self) -> ocp.CheckpointManager:
+        if self._manager is None:
+            options = ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True,
+                                                   enable_async_checkpointing=self.use_async)
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        return self._manager
+
+    def steps(self) -> list[int]:
+        """Finalised checkpoint steps, ascending (tmp dirs of unfinished saves are not listed)."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(self._open().all_steps())
+
+    def partial_dirs(self) -> list[str]:
+        """Names of unfinished (tmp) checkpoint directories in the checkpoint folder."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(n for n in os.listdir(self.directory) if '.orbax-checkpoint-tmp' in n)
+
+    # -- save
+    def save(self, state, data_states: dict, config) -> None:
+        """Start an async save of ``state`` (a TrainState) at ``int(state.step)`` with the data states and config.
+
+        On the CPU backend the arrays are first copied (the train step donates its input buffers).
+        """
+        step = int(jax.device_get(state.step))
+        if step == self._last_saved or step in self.steps():
+            return  # already saved (the final save right after a periodic one, or the step we resumed from)
+        self._last_saved = step
+        tree = state_to_tree(state)
+        if jax.default_backend() == 'cpu':
+            tree = jax.tree.map(jnp.copy, tree)
+        meta = {'step': step, 'fingerprint': fingerprint(tree), 'config': config_dict(config)}
+        self._open().save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree), data=ocp.args.JsonSave(data_states), meta=ocp.args.JsonSave(meta)),
+            force=True)
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release the manager."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+            self._manager.close()
+            self._manager = None
+
+    # -- restore
+    def restore_step(self, step: int, abstract_state):
+        """(TrainState, data dict, meta dict) of checkpoint ``step``, laid out as ``abstract_state``'s shardings.
+
+        Raises CheckpointError when a file is missing, truncated or its fingerprint does not match.
+        """
+        abstract_tree = state_to_tree(abstract_state)
+        try:
+            restored = self._open().restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_tree), data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore()))
+            tree, data, meta = restored['state'], restored['data'], restored['meta']
+        except Exception as e:  # orbax / tensorstore raise many types for damaged files
+            raise CheckpointError(f'step {step}: {_one_line(e)}') from e
+        if not isinstance(meta, dict) or not isinstance(data, dict) or 'states' not in data:
+            raise CheckpointError(f'step {step}: the data or meta item is missing or malformed')
+        leaves = jax.tree.leaves(tree)
+        treedef = jax.tree.structure(abstract_tree)
+        if len(leaves) != treedef.num_leaves:
+            raise CheckpointError(f'step {step}: the state has {len(leaves)} arrays, the model needs '
+                                  f'{treedef.num_leaves}')
+        tree = jax.tree.unflatten(treedef, leaves)
+        if meta.get('fingerprint') != fingerprint(tree):
+            raise CheckpointError(f'step {step}: checksum mismatch (a file was truncated or altered)')
+        return tree_to_state(abstract_state, tree), data, meta
+
+    def restore_latest(self, abstract_state):
+        """Restore the newest usable checkpoint: (TrainState, data dict, meta dict), or None if there is none.
+
+        Unusable newer checkpoints are reported with a warning and moved to ``workdir/corrupt_checkpoints``
+        once an older one has restored; if none restores, raises CheckpointError and moves nothing.
+        """
+        partial = self.partial_dirs()
+        if partial:  # orbax would silently delete a stale tmp dir when it saves that step again: move it aside
+            self._set_aside(partial, 'unfinished checkpoint (left by an interrupted save)')
+        steps = self.steps()
+        failures = []
+        for step in reversed(steps):
+            try:
+                result = self.restore_step(step, abstract_state)
+            except CheckpointError as e:
+                logging.warning('skipping damaged checkpoint %s', e)
+                failures.append(step)
+                continue
+            if failures:
+                self._set_aside(failures)
+            return result
+        if failures:
+            raise CheckpointError(
+                f'no usable checkpoint in {self.directory}: step(s) {", ".join(map(str, failures))} are damaged '
+                '(see the warnings above); move them away to start afresh, or point --workdir elsewhere')
+        return None
+
+    def _set_aside(self, names: list, what: str = 'damaged checkpoint') -> None:
+        """Move step dirs (names or steps) to workdir/corrupt_checkpoints/<name>-<time> (primary host), then reopen
+        the manager. Nothing is deleted."""
+        self.close()
+        if _is_primary():
+            target = os.path.join(self.workdir, 'corrupt_checkpoints')
+            os.makedirs(target, exist_ok=True)
+            for name in names:
+                dest = os.path.join(target, f'{name}-{int(time.time())}')
+                shutil.move(os.path.join(self.directory, str(name)), dest)
+                logging.warning('ignoring %s %s: moved to %s (kept, not deleted)', what, name, dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices('jaxdiff_checkpoint_set_aside')
+
+
+def _one_line(e: BaseException) -> str:
+    text = ' '.join(str(e).split()) or type(e).__name__
+    text = text.split(' See full TensorStore details')[0]
+    return f'{type(e).__name__}: {text[:300]}'
+
+
+def state_to_tree(state) -> dict:
+    """TrainState (or its abstract twin) -> the stored dict {step, params, ema, opt_state, buffers, nonfinite}."""
+    return {name: getattr(state, name) for name in ('step', 'params', 'ema', 'opt_state', 'buffers', 'nonfinite')}
+
+
+def tree_to_state(template, tree: dict):
+    """The stored dict back into ``template``'s TrainState class."""
+    return template.replace(**tree)
+
+
+def _reader(workdir: str) -> ocp.CheckpointManager:
+    """A manager that reads (never writes) ``workdir/checkpoints`` without knowing the model."""
+    directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    handlers = {'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
+                'meta': ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory, item_handlers=handlers,
+                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+
+
+def _numpy_state(manager: ocp.CheckpointManager, step: int) -> dict:
+    metadata = manager.item_metadata(step)['state']
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    return jax.tree.map(np.asarray, restored['state'])
+
+
+def verify(workdir: str) -> dict[int, Optional[str]]:
+    """Check every finalised checkpoint of ``workdir`` against its stored fingerprint (numpy restore, any device
+    count): {step: None if intact else the one-line reason}."""
+    out = {}
+    with _reader(workdir) as manager:
+        for step in sorted(manager.all_steps()):
+            try:
+                tree = _numpy_state(manager, step)
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+                out[step] = None if meta.get('fingerprint') == fingerprint(tree) else 'checksum mismatch'
+            except Exception as e:  # damaged files raise many types
+                out[step] = _one_line(e)
+    return out
+
+
+def load_arrays(workdir: str, step: Optional[int] = None) -> dict:
+    """The stored state of ``workdir``'s checkpoint ``step`` (default: the latest) as numpy arrays (for tools/tests).
+
+    Returns {'step', 'params', 'ema', 'opt_state', 'buffers', 'nonfinite'} with numpy leaves.
+    """
+    with _reader(workdir) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f'no checkpoint in {manager.directory}')
+        return _numpy_state(manager, step)

@@ -1,0 +1,195 @@
+"""The training loop in-process: logs (TensorBoard scalars, PNG grids, progress line), config checks, checkpoint
+fingerprints, fallback past a damaged checkpoint, the gmm2d MLP path. Tiny configs; CPU."""
+import importlib.util
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxdiff.train import checkpoint as ckpt
+from jaxdiff.train import loop, metrics_log, sample_grid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# orbax leaves un-awaited read coroutines behind when a damaged checkpoint fails to restore; harmless here.
+
+
+def load_config(path, **overrides):
+    spec = importlib.util.spec_from_file_location('cfg', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def tiny(**overrides):
+    return load_config(os.path.join(HERE, 'train_tiny_config.py'), **overrides)
+
+
+def read_scalars(tb_dir):
+    """{tag: [(step, value)]} from tensorboardX event files (TFRecord framing, Event protos)."""
+    from tensorboardX.proto import event_pb2
+    out = {}
+    for name in sorted(os.listdir(tb_dir)):
+        with open(os.path.join(tb_dir, name), 'rb') as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (length,) = struct.unpack('<Q', data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A 20-step tiny run with a sample grid at 20 and checkpoints at 10 and 20."""
+    workdir = str(tmp_path_factory.mktemp('loop') / 'run')
+    summary = loop.run(tiny(total_steps=20, sample_every=20), workdir)
+    return workdir, summary
+
+
+def test_run_writes_tensorboard_scalars_png_and_checkpoints(trained):
+    workdir, summary = trained
+    assert summary['step'] == 20 and summary['resumed_from'] is None
+    scalars = read_scalars(os.path.join(workdir, 'tb'))
+    for tag in ('loss', 'lr', 'grad_norm', 'img_per_s', 'nonfinite'):
+        assert f'train/{tag}' in scalars, scalars.keys()
+    assert [s for s, _ in scalars['train/loss']] == [10, 20]
+    assert all(np.isfinite(v) for _, v in scalars['train/loss'])
+    png = os.path.join(workdir, 'samples', 'step_0000020.png')
+    assert summary['last_samples'] == png
+    image = np.asarray(Image.open(png))
+    # 10 samples (one per class) in one row of 10 columns; 8x8 tiles upscaled 4x plus 2-px gaps.
+    assert image.shape == (2 + 32 + 2, 10 * 34 + 2)
+    assert image.std() > 0
+    assert sorted(ckpt.verify(workdir).items()) == [(10, None), (20, None)]
+    with open(os.path.join(workdir, 'config.json')) as f:
+        assert json.load(f)['total_steps'] == 20
+
+
+def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path):
+    import shutil
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(trained[0], workdir)
+    with pytest.raises(ckpt.ConfigMismatchError, match='total_steps'):
+        loop.run(tiny(total_steps=30, sample_every=20), workdir)
+    partial = os.path.join(workdir, 'checkpoints', '30.orbax-checkpoint-tmp')  # as kill -9 mid-save leaves it
+    os.makedirs(os.path.join(partial, 'state'))
+    with open(os.path.join(partial, 'state', 'junk'), 'w') as f:
+        f.write('x')
+    summary = loop.run(tiny(total_steps=30, sample_every=20), workdir, allow_config_change=True)
+    assert summary['resumed_from'] == 20 and summary['step'] == 30
+    moved = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
+    assert len(moved) == 1 and moved[0].startswith('30.orbax-checkpoint-tmp-')  # ignored, kept, not deleted
+    assert sorted(ckpt.verify(workdir)) == [10, 20, 30]
+    kept = [n for n in os.listdir(workdir) if n.startswith('config.') and n != 'config.json']
+    assert len(kept) == 1  # the previous config.json is kept, not overwritten
+
+
+def test_damaged_latest_falls_back_to_older_and_is_set_aside(trained, tmp_path):
+    import shutil
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(trained[0], workdir)
+    truncate_largest_file(os.path.join(workdir, 'checkpoints', '20'))
+    summary = loop.run(tiny(total_steps=20, sample_every=20), workdir)
+    assert summary['resumed_from'] == 10 and summary['step'] == 20
+    moved = os.listdir(os.path.join(workdir, 'corrupt_checkpoints'))
+    assert len(moved) == 1 and moved[0].startswith('20-')
+    assert sorted(ckpt.verify(workdir).items()) == [(10, None), (20, None)]
+
+
+def test_all_checkpoints_damaged_is_one_clear_error_and_nothing_moves(trained, tmp_path):
+    import shutil
+    workdir = str(tmp_path / 'run')
+    shutil.copytree(trained[0], workdir)
+    for step in ('10', '20'):
+        truncate_largest_file(os.path.join(workdir, 'checkpoints', step))
+    before = snapshot(workdir)
+    with pytest.raises(ckpt.CheckpointError, match='no usable checkpoint') as err:
+        loop.run(tiny(total_steps=20, sample_every=20), workdir)
+    assert '\n' not in str(err.value)
+    assert snapshot(workdir) == before
+
+
+def truncate_largest_file(step_dir):
+    """Cut the biggest file under a checkpoint step dir in half (a torn write)."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+    path = max(files, key=os.path.getsize)
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+        f.truncate(size // 2)
+    return path
+
+
+def snapshot(workdir):
+    """{relative path: size} of every file under workdir except tb/ (the event writer may touch it)."""
+    out = {}
+    for d, _, files in os.walk(workdir):
+        for f in files:
+            path = os.path.join(d, f)
+            rel = os.path.relpath(path, workdir)
+            if not rel.startswith('tb'):
+                out[rel] = os.path.getsize(path)
+    return out
+
+
+def test_fingerprint_is_container_agnostic_and_detects_changes():
+    tree = {'a': np.arange(6, dtype=np.float32).reshape(2, 3), 'b': (np.ones(3, np.int32), np.zeros(2, np.float32))}
+    as_lists = {'a': tree['a'], 'b': [tree['b'][0], tree['b'][1]]}
+    assert ckpt.fingerprint(tree) == ckpt.fingerprint(as_lists)
+    changed = {'a': tree['a'].copy(), 'b': tree['b']}
+    changed['a'][1, 2] = np.nextafter(changed['a'][1, 2], np.float32(100))
+    assert ckpt.fingerprint(changed) != ckpt.fingerprint(tree)
+    swapped = {'a': tree['a'][::-1].copy(), 'b': tree['b']}
+    assert ckpt.fingerprint(swapped) != ckpt.fingerprint(tree)  # order-sensitive checksum
+
+
+def test_config_diff_names_nested_keys():
+    a = tiny().to_dict()
+    b = tiny(**{'model.dropout': 0.3, 'batch_size': 32}).to_dict()
+    assert ckpt.config_diff(json.loads(json.dumps(a)), json.loads(json.dumps(b))) == ['batch_size', 'model.dropout']
+
+
+def test_progress_line_and_parameter_overview():
+    line = metrics_log.progress_line(120, 1000, dict(loss=0.5, img_per_s=800.0, lr=1e-3, grad_norm=0.25,
+                                                    nonfinite=2), 65.0)
+    assert line == 'step 120/1000 | loss 0.5000 | 800.0 img/s | ETA 0:01:05 | lr 1.00e-03 | grad 0.25 | nonfinite 2'
+    table = metrics_log.parameter_overview({'enc': {'w': np.zeros((3, 4))}, 'dec': {'w': np.zeros(5), 'b': np.zeros(1)}})
+    assert 'enc' in table and table.splitlines()[-1].split()[-1] == '18'
+
+
+def test_grid_layout_one_column_per_class():
+    samples = np.linspace(-1, 1, 20 * 8 * 8).reshape(20, 8, 8, 1).astype(np.float32)
+    grid = sample_grid.grid_image(sample_grid.to_uint8(samples), columns=10, min_side=8, gap=0)
+    assert grid.shape == (16, 80, 1)
+    np.testing.assert_array_equal(grid[8:16, 8:16], sample_grid.to_uint8(samples)[11])
+
+
+def test_gmm2d_mlp_trains_and_plots(tmp_path):
+    config = load_config(os.path.join(ROOT, 'configs', 'gmm2d.py'), total_steps=30, checkpoint_every=30,
+                         log_every=10, sample_every=30, batch_size=64, **{'sampling.num_images': 256,
+                                                                          'sampling.num_steps': 4})
+    summary = loop.run(config, str(tmp_path / 'gmm'))
+    assert summary['step'] == 30
+    assert np.asarray(Image.open(summary['last_samples'])).ndim == 3
+
+
+def test_stop_signal_flag():
+    import signal
+    with loop.StopSignal() as stop:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested()
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))

@@ -1,0 +1,123 @@
+"""Train a diffusion model from a config file; rerun the same command to resume.
+
+    python train.py --config configs/digits.py --workdir runs/digits [--config.KEY=VALUE ...]
+        [--allow_config_change] [--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+Outputs in --workdir: checkpoints/<step>/ (orbax), config.json, tb/ (TensorBoard), samples/step_XXXXXXX.png.
+Multi-host: pass the three --coordinator_address/--num_processes/--process_id flags on every process, or none of
+them on a TPU pod / SLURM job (jax.distributed detects the cluster). Errors in the config, the data or the
+checkpoints end with one line on stderr and a non-zero exit code (2 for command-line errors, 1 otherwise).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/digits.py.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, config.json, tb/, samples/).')
+_ALLOW = flags.DEFINE_bool('allow_config_change', False,
+                           'Resume a workdir whose saved config.json differs from this config.')
+_COORD = flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
+_NPROC = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index (0 .. num_processes-1).')
+
+
+def _fail(message: str, code: int) -> None:
+    """Print one error line and exit with ``code``, skipping interpreter teardown (libraries' background
+    threads would otherwise print noise after the line). Pending checkpoint saves were awaited by the loop."""
+    print(f'train.py: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (exit code 2) instead of absl's usage dump or a traceback."""
+    try:
+        rest = flags.FLAGS(argv)
+        config = _CONFIG.value
+        if config is not None:
+            config.keys()  # the config file loads lazily: surface its errors here
+    except flags.Error as e:
+        _fail(_flag_error(str(e)), 2)
+    except (KeyError, AttributeError) as e:  # ml_collections: an override names a key the config does not have
+        _fail(_unknown_key(str(e.args[0]) if e.args else str(e), argv), 2)
+    except OSError as e:
+        _fail(f'cannot load --config: {str(e).strip().splitlines()[-1].strip()}', 2)
+    except (ValueError, TypeError) as e:
+        _fail(f'bad --config: {e}', 2)
+    if config is None:
+        _fail('--config is required, e.g. --config configs/digits.py', 2)
+    if not _WORKDIR.value:
+        _fail('--workdir is required, e.g. --workdir runs/digits', 2)
+    return rest
+
+
+def _unknown_key(text: str, argv: list[str] = ()) -> str:
+    """One line for an override naming a field the config lacks (full dotted path, with ml_collections' hint)."""
+    names = re.findall(r"[A-Za-z_][\w.]*", text.splitlines()[0] if text else '')
+    key = names[0] if names else text
+    hint = re.search(r'Did you mean "([\w.]+)"', text)
+    for arg in argv:  # report the full dotted path of the override that named it
+        match = re.match(r'--config\.([\w.]+)', arg)
+        if match and key in match.group(1).split('.'):
+            key = match.group(1)
+            break
+    suggestion = f'did you mean {hint.group(1)!r}? ' if hint else ''
+    return (f'unknown config key {key!r}: the config has no such field ({suggestion}every field is listed in '
+            'jaxdiff/config.py)')
+
+
+def _flag_error(text: str) -> str:
+    match = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
+    if match:
+        return _unknown_key(match.group(1)[len('config.'):])
+    return text.splitlines()[0] if text else 'bad command line'
+
+
+def _closed_loop_error(exc) -> bool:
+    return isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)
+
+
+def _quiet_hooks() -> None:
+    """Drop 'Event loop is closed' RuntimeErrors reported from tensorstore callbacks that land after orbax abandoned
+    the reads of a damaged checkpoint (harmless; the damage itself is reported in one line). Others pass through."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def on_unraisable(info):
+        if not _closed_loop_error(info.exc_value):
+            unraisable(info)
+
+    def on_exception(exc_type, exc, tb):
+        if not _closed_loop_error(exc):
+            excepthook(exc_type, exc, tb)
+
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override config fields', 2)
+    logging.set_verbosity(logging.WARNING)
+    _quiet_hooks()
+    from jaxdiff import parallel
+    from jaxdiff.train import checkpoint as ckpt
+
+    try:
+        parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
+        from jaxdiff.train import loop
+        summary = loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ckpt.CheckpointError) as e:
+        _fail(str(e), 1)
+    import jax
+    if jax.process_count() > 1:
+        print(f'process {jax.process_index()}/{jax.process_count()}: step {summary["step"]}, params+ema checksum '
+              f'{summary["checksum"]}', flush=True)
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=parse_flags)
