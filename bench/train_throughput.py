@@ -11,7 +11,6 @@ step come from the step's jaxpr (bench/flops.py); MFU is against the dense bf16 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
 
@@ -19,6 +18,7 @@ import jax
 import numpy as np
 
 from flops import count_flops
+from jaxdiff.config import from_file
 from jaxdiff.data import DatasetInfo
 from jaxdiff.parallel import batch_sharding, make_mesh
 from jaxdiff.train.loop import build_network
@@ -28,14 +28,6 @@ from net_step import PEAK_BF16
 # Image shape and classes of the datasets the reference configs name (no data is read).
 DATASETS = {'digits': (8, 1, 10), 'fashion_mnist': (32, 1, 10), 'cifar10': (32, 3, 10), 'ffhq': (64, 3, 0),
             'afhqv2': (64, 3, 0), 'imagenet': (64, 3, 1000)}
-
-
-def load_config(path: str):
-    """``get_config()`` of a config file."""
-    spec = importlib.util.spec_from_file_location('bench_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -58,7 +50,7 @@ def main() -> None:
     ap.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU (default by device)')
     args = ap.parse_args()
 
-    config = load_config(args.config)
+    config = from_file(args.config)
     with config.unlocked():
         config.batch_size = args.batch or config.batch_size
         config.model.dtype = args.dtype or config.model.dtype

@@ -6,6 +6,9 @@ Sizes of time are in images ("img"), as in EDM, so they do not change meaning wi
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -73,4 +76,19 @@ def base_config() -> ml_collections.ConfigDict:
 def locked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The config locked against new keys (unknown keys in overrides then raise)."""
     config.lock()
+    return config
+
+
+def from_file(path: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file, loaded by path (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location('_jaxdiff_config_' + os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def sibling(config_file: str, name: str) -> ml_collections.ConfigDict:
+    """The unlocked config ``name`` from the folder of ``config_file`` (a derived config's base)."""
+    config = from_file(os.path.join(os.path.dirname(os.path.abspath(config_file)), name + '.py'))
+    config.unlock()
     return config
