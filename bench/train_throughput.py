@@ -21,7 +21,7 @@ from flops import count_flops
 from jaxdiff.config import from_file
 from jaxdiff.data import DatasetInfo
 from jaxdiff.parallel import batch_sharding, make_mesh
-from jaxdiff.train.loop import build_network
+from jaxdiff.train.model import build_net
 from jaxdiff.train.step import init_sharded_state, make_train_step
 from net_step import PEAK_BF16
 
@@ -56,7 +56,7 @@ def main() -> None:
         config.model.dtype = args.dtype or config.model.dtype
         config.parallel.fsdp = args.fsdp or config.parallel.fsdp
     info = dataset_info(config)
-    net = build_network(config, info)
+    net = build_net(config, info)
     mesh = make_mesh(config.parallel.fsdp)
     b = config.batch_size
     rng = np.random.default_rng(0)

@@ -87,19 +87,6 @@ def make_data(config) -> tuple[Any, Any]:
     return make_iterator(config.data, **kwargs)
 
 
-def build_network(config, info):
-    """``config.model.arch`` -> Flax module: 'mlp' (jaxdiff.nets.mlp, for gmm2d) or the U-Net presets."""
-    if config.model.arch == 'mlp':
-        from jaxdiff.nets.mlp import MLP
-        from jaxdiff.train.model import DTYPES
-        return MLP(img_resolution=info.resolution, in_channels=info.channels, out_channels=info.channels,
-                   label_dim=info.num_classes if config.data.use_labels else 0, model_channels=config.model.model_channels,
-                   num_blocks=config.model.num_blocks, dropout=config.model.dropout,
-                   label_dropout=config.model.label_dropout, dtype=DTYPES[config.model.dtype])
-    from jaxdiff.train.model import build_net
-    return build_net(config, info)
-
-
 def _restore_data(iterator, data: dict) -> None:
     """Put this process's saved iterator state back (warn and start afresh if the process count changed)."""
     states = data.get('states') or []
@@ -135,6 +122,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 
 
 def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> dict:
+    from jaxdiff.train.model import build_net
     from jaxdiff.train.step import abstract_state, init_sharded_state, make_train_step, state_shardings
 
     primary = jax.process_index() == 0
@@ -143,7 +131,7 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
 
     mesh = parallel.make_mesh(config.parallel.fsdp)
     iterator, info = make_data(config)
-    net = build_network(config, info)
+    net = build_net(config, info)
     abstract = abstract_state(config, net)
     shardings = state_shardings(mesh, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

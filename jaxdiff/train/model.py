@@ -14,6 +14,7 @@ from flax import linen as nn
 from jaxdiff import precond
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.nets import DhariwalUNet, SongUNet
+from jaxdiff.nets.mlp import MLP
 
 AUGMENT_DIM = 9
 PRESETS = {
@@ -22,6 +23,7 @@ PRESETS = {
     'ncsnpp': dict(embedding_type='fourier', encoder_type='residual', decoder_type='standard',
                    channel_mult_noise=2, resample_filter=(1, 3, 3, 1)),
     'adm': {},
+    'mlp': {},
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PRECONDS = {'edm': precond.edm, 'vp': precond.vp, 've': precond.ve}
@@ -37,18 +39,21 @@ def _choice(name: str, value: str, table: dict) -> Any:
 def build_net(config, info) -> nn.Module:
     """The denoiser network for ``config.model`` on data described by ``info`` (resolution, channels, num_classes).
 
-    Returns a SongUNet (ddpmpp, ncsnpp) or DhariwalUNet (adm) taking x (B, res, res, channels) and returning the
-    same shape; float32 params, compute in ``config.model.dtype``.
+    Returns a SongUNet (ddpmpp, ncsnpp), DhariwalUNet (adm) or MLP (mlp, for 2-D points stored as (1, 1, 2)
+    images) taking x (B, res, res, channels) and returning the same shape; float32 params, compute in
+    ``config.model.dtype``.
     """
     m = config.model
     preset = _choice('arch', m.arch, PRESETS)
-    common = dict(
-        img_resolution=info.resolution, in_channels=info.channels, out_channels=info.channels,
-        label_dim=info.num_classes if config.data.use_labels else 0,
-        augment_dim=AUGMENT_DIM if config.loss.augment_p > 0 else 0,
-        model_channels=m.model_channels, channel_mult=tuple(m.channel_mult), channel_mult_emb=m.channel_mult_emb,
-        num_blocks=m.num_blocks, attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-        label_dropout=m.label_dropout, dtype=_choice('dtype', m.dtype, DTYPES))
+    base = dict(img_resolution=info.resolution, in_channels=info.channels, out_channels=info.channels,
+                label_dim=info.num_classes if config.data.use_labels else 0, model_channels=m.model_channels,
+                num_blocks=m.num_blocks, dropout=m.dropout, label_dropout=m.label_dropout,
+                dtype=_choice('dtype', m.dtype, DTYPES))
+    if m.arch == 'mlp':
+        return MLP(**base)
+    common = dict(base, augment_dim=AUGMENT_DIM if config.loss.augment_p > 0 else 0,
+                  channel_mult=tuple(m.channel_mult), channel_mult_emb=m.channel_mult_emb,
+                  attn_resolutions=tuple(m.attn_resolutions))
     if m.arch == 'adm':
         return DhariwalUNet(**common)
     return SongUNet(**common, **preset)
