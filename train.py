@@ -10,12 +10,12 @@ checkpoints end with one line on stderr and a non-zero exit code (2 for command-
 """
 from __future__ import annotations
 
-import os
 import re
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from jaxdiff.cli import fail, quiet_checkpoint_echoes
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/digits.py.',
                                           lock_config=True)
@@ -28,11 +28,7 @@ _PID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index 
 
 
 def _fail(message: str, code: int) -> None:
-    """Print one error line and exit with ``code``, skipping interpreter teardown (libraries' background
-    threads would otherwise print noise after the line). Pending checkpoint saves were awaited by the loop."""
-    print(f'train.py: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
+    fail('train.py', message, code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -79,31 +75,11 @@ def _flag_error(text: str) -> str:
     return text.splitlines()[0] if text else 'bad command line'
 
 
-def _closed_loop_error(exc) -> bool:
-    return isinstance(exc, RuntimeError) and 'Event loop is closed' in str(exc)
-
-
-def _quiet_hooks() -> None:
-    """Drop 'Event loop is closed' RuntimeErrors reported from tensorstore callbacks that land after orbax abandoned
-    the reads of a damaged checkpoint (harmless; the damage itself is reported in one line). Others pass through."""
-    unraisable, excepthook = sys.unraisablehook, sys.excepthook
-
-    def on_unraisable(info):
-        if not _closed_loop_error(info.exc_value):
-            unraisable(info)
-
-    def on_exception(exc_type, exc, tb):
-        if not _closed_loop_error(exc):
-            excepthook(exc_type, exc, tb)
-
-    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override config fields', 2)
     logging.set_verbosity(logging.WARNING)
-    _quiet_hooks()
+    quiet_checkpoint_echoes()
     from jaxdiff import parallel
     from jaxdiff.train import checkpoint as ckpt
 

@@ -165,7 +165,8 @@ def cfg(weight: float, *, uncond=None, schedule: str = "constant", negative=None
     uncond: the condition meaning "unconditional" passed to the inner denoiser (None: the networks and
         mixtures treat None / zero labels as unconditional).
     schedule: a key of WEIGHT_SCHEDULES; progress is measured on the Karras time of (sigma_min, sigma_max, rho).
-    negative: a negative condition (same structure as cond). With negative_mode='subtract':
+    negative: a negative condition (same structure as cond; leaves with a leading axis of 1 are broadcast to
+        cond's batch, so one negative class serves every sample). With negative_mode='subtract':
         D = D_u + w (D_c - D_u) - w_n (D_neg - D_u); with 'replace': D_neg takes D_u's place,
         D = D_neg + w (D_c - D_neg). w_n = negative_weight (scheduled like w).
     Shapes: x (B, ...), sigma () or (B,), cond the inner denoiser's.
@@ -178,14 +179,16 @@ def cfg(weight: float, *, uncond=None, schedule: str = "constant", negative=None
     def combine(call, x, sigma, cond):
         w = expand_sigma(guidance_weight(weight, sigma, **sched), x)
         d_c = call(x, sigma, cond)
-        if negative is not None and negative_mode == "replace":
-            d_n = call(x, sigma, negative)
+        neg = None if negative is None else jax.tree.map(
+            lambda n, c: jnp.broadcast_to(n, c.shape) if jnp.shape(n)[:1] == (1,) else n, negative, cond)
+        if neg is not None and negative_mode == "replace":
+            d_n = call(x, sigma, neg)
             return d_n + w * (d_c - d_n)
         d_u = call(x, sigma, uncond)
         out = d_u + w * (d_c - d_u)
-        if negative is not None:
+        if neg is not None:
             w_n = expand_sigma(guidance_weight(negative_weight, sigma, **sched), x)
-            out = out - w_n * (call(x, sigma, negative) - d_u)
+            out = out - w_n * (call(x, sigma, neg) - d_u)
         return out
 
     return stateless(combine)

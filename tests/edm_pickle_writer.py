@@ -137,17 +137,29 @@ def dumps(obj, protocol=4, storages=None):
     return f.getvalue()
 
 
-def legacy_bytes(storage):
-    """torch.save(storage, f, _use_new_zipfile_serialization=False): header pickles, storage pickle with a
-    persistent id, key list, then int64 numel and the raw little-endian data."""
+def legacy_save(obj):
+    """torch.save(obj, f, _use_new_zipfile_serialization=False): header pickles, the object's pickle with storages
+    as persistent ids, the sorted storage keys, then per storage its int64 numel and raw little-endian data."""
     parts = [pickle.dumps(x, protocol=2) for x in (MAGIC, PROTOCOL, SYS_INFO)]
-    f = io.BytesIO()
+    storages, f = {}, io.BytesIO()
     pickler = Pickler(f, 2)
-    pickler.persistent_id = lambda obj: obj.pid(view_metadata=(None,)) if isinstance(obj, Storage) else None
-    pickler.dump(storage)
-    flat = storage.flat
-    return b''.join([*parts, f.getvalue(), pickle.dumps([storage.key], protocol=2),
-                     struct.pack('<q', flat.size), flat.astype(flat.dtype.newbyteorder('<')).tobytes()])
+
+    def persistent_id(obj):
+        if not isinstance(obj, Storage):
+            return None
+        storages[obj.key] = obj.flat
+        return obj.pid(view_metadata=(None,))
+    pickler.persistent_id = persistent_id
+    pickler.dump(obj)
+    keys = sorted(storages)
+    data = [struct.pack('<q', storages[k].size) + storages[k].astype(storages[k].dtype.newbyteorder('<')).tobytes()
+            for k in keys]
+    return b''.join([*parts, f.getvalue(), pickle.dumps(keys, protocol=2), *data])
+
+
+def legacy_bytes(storage):
+    """A storage alone in torch's legacy format, as torch.storage._load_from_bytes reads it."""
+    return legacy_save(storage)
 
 
 def module_state(params=(), buffers=(), modules=(), **attributes):

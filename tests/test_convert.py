@@ -17,6 +17,7 @@ import pytest
 from edm_pickle_writer import (MODULE_SRC, STORAGE_TYPES, Global, Parameter, Storage, Tensor, dumps, edm_pickle,
                                legacy_bytes)
 from jaxdiff.nets import DhariwalUNet, SongUNet
+from jaxdiff import files
 from jaxdiff.nets import convert
 from jaxdiff.nets.convert import from_edm, load_converted, to_edm
 from jaxdiff.nets.safe_unpickle import UnsafePickleError, load_edm_pickle, safe_load
@@ -236,7 +237,7 @@ def test_cli_converts_and_output_matches(tmp_path, capsys, variables):
     assert len(out.strip().splitlines()) == 1 and f'{convert.param_count(v):,} params' in out
     net2, v2, config = load_converted(tmp_path / 'out')
     assert net2 == net and config['precond_kwargs']['sigma_data'] == 0.5
-    assert config['source']['sha256'] == convert._sha256(str(path))
+    assert config['source']['sha256'] == files.sha256(str(path))
     x, noise, labels = inputs(net)
     np.testing.assert_array_equal(net2.apply(v2, x, noise, labels), net.apply(v, x, noise, labels))
     assert run_cli(capsys, path, tmp_path / 'out')[1].startswith('already converted')

@@ -4,7 +4,6 @@ processes training together through jax.distributed on 127.0.0.1."""
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,22 +11,13 @@ import time
 import numpy as np
 import pytest
 
+from conftest import free_port, run_together
 from jaxdiff.train import checkpoint as ckpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 TINY = os.path.join(HERE, 'train_tiny_config.py')
 LONG = ['--config.total_steps=200', '--config.checkpoint_every=50', '--config.log_every=50']
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    """CPU JAX with a persistent compilation cache shared by this module's subprocesses (same programs)."""
-    e = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp('jax_cache')),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-    e.pop('XLA_FLAGS', None)
-    return e
 
 
 def command(workdir, *extra, config=TINY):
@@ -215,29 +205,14 @@ def test_restore_on_8_fake_devices(env, tmp_path):
     assert status[20] is None and status[10] is None
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_together(env, tmp_path):
     workdir = tmp_path / 'run'
     port = free_port()
-    procs = [subprocess.Popen(command(workdir, '--config.total_steps=20', f'--coordinator_address=127.0.0.1:{port}',
-                                      '--num_processes=2', f'--process_id={i}'),
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=240))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    results = run_together([command(workdir, '--config.total_steps=20', f'--coordinator_address=127.0.0.1:{port}',
+                                    '--num_processes=2', f'--process_id={i}') for i in range(2)], env, ROOT)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    outs = [(out, err) for _, out, err in results]
     sums = [[l for l in out.splitlines() if 'checksum' in l][0].split()[-1] for out, _ in outs]
     assert sums[0] == sums[1]
     assert 'step 20/20' in outs[0][0] and '2 process(es)' in outs[0][0]

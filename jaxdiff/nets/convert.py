@@ -17,7 +17,6 @@ gives back ``(net, variables, net_config)``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pickle
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 from flax import traverse_util
 
+from jaxdiff import files
 from jaxdiff.nets.dhariwal_unet import DhariwalUNet
 from jaxdiff.nets.safe_unpickle import UnsafePickleError, load_edm_pickle
 from jaxdiff.nets.song_unet import SongUNet
@@ -153,15 +153,6 @@ def build_net(name: str, kwargs: Mapping) -> nn.Module:
         raise ValueError(f'cannot build {name} from the checkpoint kwargs {dict(kwargs)}: {e}.') from None
 
 
-def _sha256(path: str) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_config(out_dir: str) -> dict | None:
     """OUT_DIR/net_config.json, or None if absent or unreadable."""
     try:
@@ -169,14 +160,6 @@ def _read_config(out_dir: str) -> dict | None:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically (temp file, then rename)."""
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(path + '.tmp', path)
 
 
 def param_count(variables: Mapping) -> int:
@@ -192,7 +175,7 @@ def convert_pickle(in_path: str, out_dir: str) -> tuple[dict, bool]:
     """
     if not os.path.isfile(in_path):
         raise FileNotFoundError(f'{in_path} does not exist or is not a file.')
-    out_dir, sha = os.path.abspath(out_dir), _sha256(in_path)
+    out_dir, sha = os.path.abspath(out_dir), files.sha256(in_path)
     variables_dir = os.path.join(out_dir, VARIABLES_DIR)
     if os.path.exists(variables_dir):
         config = _read_config(out_dir)
@@ -215,7 +198,7 @@ def convert_pickle(in_path: str, out_dir: str) -> tuple[dict, bool]:
                   precond_kwargs=info['precond_kwargs'], param_count=param_count(variables),
                   source=dict(path=os.path.abspath(in_path), sha256=sha))
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, CONFIG_FILE), config)
+    files.write_json(os.path.join(out_dir, CONFIG_FILE), config, indent=2)
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(variables_dir, variables)
     return config, True

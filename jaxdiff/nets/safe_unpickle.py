@@ -22,7 +22,8 @@ What the allowlisted names become:
   (as dict), ``set``, ``frozenset``, and ``_codecs.encode`` for latin1 text (how protocol 2 writes bytes).
 
 A file written by ``torch.save`` in its (default) zip format is read the same way: ``data.pkl`` through the
-allowlist, storages from ``data/<key>``.
+allowlist, storages from ``data/<key>``; so is one in torch's legacy (pre-1.6) format, whose storages follow its
+pickle (pytorch-fid's Inception weights are such a file).
 """
 from __future__ import annotations
 
@@ -244,14 +245,21 @@ class _Unpickler(pickle.Unpickler):
         return self._storage_loader(_storage_ref(pid))
 
 
+def _read_legacy_header(f: io.BufferedIOBase) -> None:
+    """Reads the protocol version and sys info that follow torch's legacy magic number; rejects big-endian."""
+    protocol, sys_info = _Unpickler(f).load(), _Unpickler(f).load()
+    if protocol != _LEGACY_PROTOCOL:
+        raise pickle.UnpicklingError(f'torch legacy serialization protocol {protocol!r}, expected {_LEGACY_PROTOCOL}.')
+    if not isinstance(sys_info, dict) or not sys_info.get('little_endian', True):
+        raise pickle.UnpicklingError('big-endian torch storages are not supported.')
+
+
 def _read_legacy_storage(data: bytes) -> np.ndarray:
     """Bytes of ``torch.save(storage, f, _use_new_zipfile_serialization=False)`` -> 1-D array."""
     f = io.BytesIO(data)
-    header = [_Unpickler(f).load() for _ in range(3)]
-    if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
+    if _Unpickler(f).load() != _LEGACY_MAGIC:
         raise pickle.UnpicklingError('storage bytes are not in torch legacy serialization format.')
-    if not isinstance(header[2], dict) or not header[2].get('little_endian', True):
-        raise pickle.UnpicklingError('big-endian torch storages are not supported.')
+    _read_legacy_header(f)
     ref = _Unpickler(f, storage_loader=lambda r: r).load()
     if not isinstance(ref, _StorageRef):
         raise UnsafePickleError('legacy storage bytes hold something other than one storage.')
@@ -260,6 +268,36 @@ def _read_legacy_storage(data: bytes) -> np.ndarray:
         raise pickle.UnpicklingError(f'legacy storage bytes list storages {str(keys)[:80]}, expected [{ref.key!r}].')
     (numel,) = struct.unpack('<q', f.read(8))
     return _storage_array(ref, f.read(max(numel, 0) * ref.dtype.itemsize))
+
+
+def _read_torch_legacy(f: io.BufferedIOBase, path: str) -> Any:
+    """The rest of a legacy (pre-1.6) ``torch.save`` file after its magic number -> its object.
+
+    Layout: protocol and sys info; the object's pickle, whose storages are persistent ids; the pickled list of
+    storage keys; then per key an int64 element count and the raw bytes. The storages come after the pickle that
+    uses them, so the pickle is read twice: first to learn each storage's dtype (with zero placeholders), then,
+    once the bytes are read, for real.
+    """
+    _read_legacy_header(f)
+    start, refs = f.tell(), {}
+
+    def placeholder(ref: _StorageRef) -> np.ndarray:
+        refs[ref.key] = ref
+        return np.zeros(int(ref.view[2]) if ref.view else ref.numel, ref.dtype)
+
+    _Unpickler(f, storage_loader=placeholder).load()
+    keys = _Unpickler(f).load()
+    if not isinstance(keys, list) or set(keys) != set(refs):
+        raise pickle.UnpicklingError(f'{path}: legacy torch file lists storages {str(keys)[:80]}, but its pickle '
+                                     f'uses {len(refs)} others: the file is corrupt.')
+    raw = {}
+    for key in keys:
+        count = f.read(8)
+        if len(count) != 8:
+            raise pickle.UnpicklingError(f'{path}: legacy torch file ends before storage {key}: it is truncated.')
+        raw[key] = f.read(max(struct.unpack('<q', count)[0], 0) * refs[key].dtype.itemsize)
+    f.seek(start)
+    return _Unpickler(f, storage_loader=lambda ref: _storage_array(ref, raw[ref.key])).load()
 
 
 def _storage_array(ref: _StorageRef, raw: bytes) -> np.ndarray:
@@ -294,7 +332,7 @@ def _read_torch_zip(path: str) -> Any:
 
 
 def safe_load(path: str | os.PathLike) -> Any:
-    """Loads a pickle file (or a ``torch.save`` zip archive) through the allowlist; tensors become numpy arrays.
+    """Loads a pickle file or a ``torch.save`` file (zip or legacy) through the allowlist; tensors become numpy arrays.
 
     Raises FileNotFoundError, UnsafePickleError (a forbidden global; nothing ran) or pickle.UnpicklingError.
     """
@@ -303,10 +341,8 @@ def safe_load(path: str | os.PathLike) -> Any:
         return _read_torch_zip(path)
     with open(path, 'rb') as f:
         obj = _Unpickler(f).load()
-    if obj == _LEGACY_MAGIC:
-        raise pickle.UnpicklingError(f'{path} is a legacy (pre-1.6) torch.save file; re-save it with torch.save '
-                                     'in the default zip format or as a plain pickle.')
-    return obj
+        is_legacy = isinstance(obj, int) and obj == _LEGACY_MAGIC  # (a bare ndarray's == is elementwise)
+        return _read_torch_legacy(f, path) if is_legacy else obj
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -27,8 +27,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from jaxdiff import files
+
 ITEMS = ('state', 'data', 'meta')
 CONFIG_FILE = 'config.json'
+INFO_FILE = 'dataset_info.json'
 
 
 class CheckpointError(RuntimeError):
@@ -40,6 +43,25 @@ class ConfigMismatchError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- config JSON
+
+def write_dataset_info(workdir: str, info) -> None:
+    """``workdir/dataset_info.json``: the DatasetInfo the net was built for (resolution, channels, num_classes,
+    size), so sample.py can rebuild the net without the training data."""
+    files.write_json(os.path.join(workdir, INFO_FILE), info._asdict())
+
+
+def read_config(workdir: str) -> dict:
+    """``workdir/config.json`` as a dict; FileNotFoundError / ValueError (one line) when missing or unreadable."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{workdir} is not a training run (no {CONFIG_FILE}); pass the --workdir of '
+                                'train.py or a folder written by python -m jaxdiff.nets.convert')
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path} is unreadable ({e}); restore it from a backup') from e
+
 
 def config_dict(config) -> dict:
     """The ConfigDict as a JSON-normalised dict (tuples become lists)."""
@@ -88,10 +110,7 @@ def check_config(workdir: str, config, allow_change: bool, *, write: bool = True
             os.replace(path, os.path.join(workdir, f'config.{int(time.time())}.json'))
     if write:
         os.makedirs(workdir, exist_ok=True)
-        tmp = path + '.tmp'
-        with open(tmp, 'w') as f:
-            json.dump(new, f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        files.write_bytes(path, json.dumps(new, indent=2, sort_keys=True).encode())
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -304,7 +323,7 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
     handlers = {'state': ocp.PyTreeCheckpointHandler(), 'data': ocp.JsonCheckpointHandler(),
                 'meta': ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory, item_handlers=handlers,
-                                 options=ocp.CheckpointManagerOptions(create=False, read_only=True))
+                                 options=ocp.CheckpointManagerOptions(create=False))
 
 
 def _numpy_state(manager: ocp.CheckpointManager, step: int) -> dict:
@@ -314,28 +333,49 @@ def _numpy_state(manager: ocp.CheckpointManager, step: int) -> dict:
     return jax.tree.map(np.asarray, restored['state'])
 
 
+def _checked_state(manager: ocp.CheckpointManager, step: int) -> tuple[Optional[dict], Optional[str]]:
+    """(numpy state, None) when checkpoint ``step`` restores and matches its fingerprint, else (None, reason)."""
+    try:
+        tree = _numpy_state(manager, step)
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except Exception as e:  # damaged files raise many types
+        return None, _one_line(e)
+    if meta.get('fingerprint') != fingerprint(tree):
+        return None, 'checksum mismatch'
+    return tree, None
+
+
 def verify(workdir: str) -> dict[int, Optional[str]]:
     """Check every finalised checkpoint of ``workdir`` against its stored fingerprint (numpy restore, any device
     count): {step: None if intact else the one-line reason}."""
-    out = {}
     with _reader(workdir) as manager:
-        for step in sorted(manager.all_steps()):
-            try:
-                tree = _numpy_state(manager, step)
-                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-                out[step] = None if meta.get('fingerprint') == fingerprint(tree) else 'checksum mismatch'
-            except Exception as e:  # damaged files raise many types
-                out[step] = _one_line(e)
-    return out
+        return {step: _checked_state(manager, step)[1] for step in sorted(manager.all_steps())}
 
 
 def load_arrays(workdir: str, step: Optional[int] = None) -> dict:
-    """The stored state of ``workdir``'s checkpoint ``step`` (default: the latest) as numpy arrays (for tools/tests).
+    """The stored state of ``workdir``'s checkpoint ``step`` as numpy arrays (any device count, no model needed).
 
-    Returns {'step', 'params', 'ema', 'opt_state', 'buffers', 'nonfinite'} with numpy leaves.
+    step None: the newest checkpoint that restores and matches its fingerprint (damaged newer ones are skipped
+    with a warning and left in place). Returns {'step', 'params', 'ema', 'opt_state', 'buffers', 'nonfinite'}.
+    Raises CheckpointError (one line) when there is no usable checkpoint or ``step`` is absent or damaged.
     """
     with _reader(workdir) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f'no checkpoint in {manager.directory}')
-        return _numpy_state(manager, step)
+        steps = sorted(manager.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f'{manager.directory} has no checkpoint {step} (it has: '
+                                      f'{", ".join(map(str, sorted(steps))) or "none"})')
+            steps = [step]
+        failures = []
+        for candidate in steps:
+            tree, reason = _checked_state(manager, candidate)
+            if reason is not None:
+                failures.append(f'step {candidate}: {reason}')
+                continue
+            for failure in failures:
+                logging.warning('skipping damaged checkpoint %s', failure)
+            return tree
+        if failures:
+            raise CheckpointError(f'no usable checkpoint in {manager.directory}: {"; ".join(failures)}')
+        raise CheckpointError(f'no checkpoint in {manager.directory}; train first (python train.py ...) or point '
+                              '--workdir at a run that has saved one')

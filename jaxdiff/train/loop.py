@@ -151,6 +151,7 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
         resumed_from = int(jax.device_get(state.step))
     if primary:
         ckpt.check_config(workdir, config, allow_config_change, write=True)
+        ckpt.write_dataset_info(workdir, info)
 
     logger = metrics_log.MetricsLogger(workdir, config.total_steps, config.batch_size, enabled=primary)
     logger.info(f'{type(net).__name__} ({config.model.arch}) on {config.data.source} {info.resolution}x'

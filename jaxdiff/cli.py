@@ -1,0 +1,40 @@
+"""What every command-line entry point shares: ending with one clear error line, without library noise after it."""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def fail(prog: str, message: str, code: int) -> None:
+    """Print ``<prog>: error: <message>`` (one line) on stderr and exit with ``code``.
+
+    Exits with ``os._exit``, skipping interpreter teardown: libraries' background threads (orbax, tensorstore)
+    would otherwise print noise after the line. Callers wait for their pending writes first.
+    """
+    print(f'{prog}: error: {" ".join(str(message).split())}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
+
+
+def _checkpoint_echo(exc) -> bool:
+    """An echo of a damaged checkpoint's abandoned reads: tensorstore callbacks landing after orbax closed its event
+    loop, or a read coroutine collected with its error unretrieved (orbax reports that error itself)."""
+    text = str(exc)
+    return ((isinstance(exc, RuntimeError) and 'Event loop is closed' in text)
+            or text.startswith('Encountered error while reading array index'))
+
+
+def quiet_checkpoint_echoes() -> None:
+    """Drop the echoes of :func:`_checkpoint_echo` (harmless; the damage itself is reported in one line), which
+    would otherwise print tracebacks after the error line, at random. Other errors pass through."""
+    unraisable, excepthook = sys.unraisablehook, sys.excepthook
+
+    def on_unraisable(info):
+        if not _checkpoint_echo(info.exc_value):
+            unraisable(info)
+
+    def on_exception(exc_type, exc, tb):
+        if not _checkpoint_echo(exc):
+            excepthook(exc_type, exc, tb)
+
+    sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
