@@ -1,0 +1,98 @@
+"""Sampling throughput of a net config, solver and step count on the available devices.
+
+    python bench/sample_throughput.py --config configs/cifar10_ddpmpp_cond.py [--solver edm] [--num_steps 18]
+                                      [--batch 256] [--batches 5] [--dtype bfloat16] [--guidance 2]
+
+Times the function sample.py runs (jaxdiff.sampling.generate: per-seed latents and keys, the solver's scan,
+uint8 conversion) on random-init params of the config's net, its batch sharded over this process's devices.
+Reports compile time, seconds per batch, img/s, network evaluations per image (NFE, doubled by CFG) and
+network evaluations per second, then one JSON line. The images are noise (the params are random); the cost is a
+trained model's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.config import from_file
+from jaxdiff.sampling import generate as gen
+from jaxdiff.sampling import options
+from jaxdiff.train.model import build_net, denoiser_fn
+from jaxdiff.train.sample_grid import sigma_range
+from jaxdiff.train.state import init_state
+from train_throughput import dataset_info
+
+
+def count_net_evals(solver, transform, labels, image_shape) -> int:
+    """Network evaluations per sample: the solver (and transforms) run once on a 1-sample stand-in network that
+    reports every call to the host (a trace would count a scanned step once)."""
+    calls = []
+
+    def stand_in(x, sigma, cond=None):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.zeros_like(x)
+
+    denoiser = stand_in if transform is None else transform(stand_in)
+    jax.block_until_ready(gen.generate(lambda _: denoiser, solver, labels, image_shape, {}, jnp.zeros(1, jnp.int32)))
+    return len(calls)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument('--config', required=True, help='training config naming the net, e.g. configs/digits.py')
+    ap.add_argument('--solver', default='edm', choices=list(options.SOLVERS))
+    ap.add_argument('--num_steps', type=int, default=18, help='solver steps (where the solver has num_steps)')
+    ap.add_argument('--batch', type=int, default=256, help='batch over all local devices')
+    ap.add_argument('--batches', type=int, default=5, help='timed batches after the warm-up batch')
+    ap.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='compute dtype override')
+    ap.add_argument('--guidance', type=float, default=None, help='CFG weight (doubles the network evaluations)')
+    args = ap.parse_args()
+
+    config = from_file(args.config)
+    with config.unlocked():
+        config.model.dtype = args.dtype or config.model.dtype
+    info = dataset_info(config)
+    net = build_net(config, info)
+    variables = {'params': init_state(config, net, info, jax.random.key(0)).params}
+    settings = {'num_steps': args.num_steps} if 'num_steps' in options.solver_defaults(args.solver) else {}
+    resolved = options.resolve_solver(args.solver, settings, sigma_range(config))
+    transform, _ = options.make_transform([str(args.guidance)] if args.guidance is not None else [],
+                                          net.label_dim, *options.grid_ends(resolved, sigma_range(config)))
+    base = lambda v: denoiser_fn(config, net, v)  # noqa: E731
+    denoiser = base if transform is None else (lambda v: transform(base(v)))
+    labels = gen.make_labels(net.label_dim, class_balanced=bool(net.label_dim))
+    image_shape = (info.resolution, info.resolution, info.channels)
+    solver = options.make_solver(args.solver, resolved)
+    evals = count_net_evals(solver, transform, labels, image_shape)
+
+    mesh = gen.local_mesh()
+    fn = gen.make_generator(denoiser, solver, labels, image_shape, mesh)
+    variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    seeds = np.arange(args.batch, dtype=np.int32)
+    start = time.perf_counter()
+    jax.block_until_ready(fn(variables, seeds))
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for i in range(1, args.batches + 1):
+        out = fn(variables, seeds + i * args.batch)
+    jax.block_until_ready(out)
+    batch_s = (time.perf_counter() - start) / args.batches
+    kind = jax.devices()[0].device_kind
+    result = dict(config=args.config, solver=args.solver, num_steps=settings.get('num_steps'), net_evals=evals,
+                  guidance=args.guidance, batch=args.batch, dtype=config.model.dtype,
+                  devices=jax.local_device_count(), device_kind=kind, compile_s=compile_s, batch_s=batch_s,
+                  img_per_s=args.batch / batch_s, net_evals_per_s=args.batch * evals / batch_s)
+    steps = settings.get('num_steps', 'default')
+    print(f'{args.config}: {args.solver} {steps} steps ({evals} net evals/img), batch {args.batch}, '
+          f'{config.model.dtype}, {jax.local_device_count()} x {kind}: compile+first batch {compile_s:.1f} s, '
+          f'{batch_s:.3f} s/batch, {result["img_per_s"]:.1f} img/s, {result["net_evals_per_s"]:.0f} net evals/s')
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,122 @@
+"""What sample.py samples from: a train.py run directory or a converted EDM checkpoint, as one ``Model``.
+
+- A run directory (``config.json`` + ``checkpoints/``): the net is rebuilt from the saved config and
+  ``dataset_info.json`` (written by train.py; older runs fall back to reading the dataset once); the variables are
+  the EMA (or raw) params of the newest checkpoint that verifies, or of ``step``.
+- A folder written by ``python -m jaxdiff.nets.convert`` (``net_config.json`` + ``variables/``): the net and the
+  reference preconditioning (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond) with the pickle's constants.
+
+Both give the denoiser ``D(x (B,H,W,C), sigma, class_labels (B, label_dim) or None)`` through
+``Model.denoiser(variables)``, and the noise range the preconditioning supports (EDM's generate.py clips the
+sampler's sigma_min / sigma_max to it).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import ml_collections
+
+from jaxdiff import precond
+from jaxdiff.denoiser import Denoiser
+
+
+class Model(NamedTuple):
+    """A network with its variables and how to turn them into a denoiser.
+
+    denoiser: variables -> D(x (B,H,W,C), sigma () or (B,), class_labels (B, label_dim) or None) (jittable).
+    sigma_range: (sigma_min, sigma_max) the preconditioning supports.
+    description: JSON-able provenance (kind, path, step or source sha256), stored in sample manifests.
+    """
+    net: Any
+    variables: dict
+    denoiser: Callable[[dict], Denoiser]
+    resolution: int
+    channels: int
+    label_dim: int
+    sigma_range: tuple[float, float]
+    description: dict
+
+
+def load_model(path: str, *, use_ema: bool = True, step: Optional[int] = None) -> Model:
+    """A run directory of train.py or a converted EDM checkpoint folder -> Model (see the module docstring).
+
+    use_ema: sample from the EMA params (train.py runs; converted EDM pickles hold the EMA net already).
+    step: a train.py checkpoint step (None = the newest usable one).
+    Raises FileNotFoundError / ValueError / CheckpointError with one-line messages.
+    """
+    from jaxdiff.nets import convert
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'model directory not found: {path!r}; pass the --workdir of a train.py run or a '
+                                'folder written by python -m jaxdiff.nets.convert')
+    if os.path.isfile(os.path.join(path, convert.CONFIG_FILE)):
+        if step is not None:
+            raise ValueError(f'{path} is a converted EDM checkpoint; it has no training steps to choose from')
+        return _converted(path)
+    return _run(path, use_ema, step)
+
+
+def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
+    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.train.model import build_net, denoiser_fn
+    from jaxdiff.train.sample_grid import sigma_range
+
+    config = ml_collections.ConfigDict(ckpt.read_config(workdir))
+    info = _dataset_info(workdir, config)
+    net = build_net(config, info)
+    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+        raise ckpt.CheckpointError(f'{workdir} has no checkpoints/ folder; train first or pass another --workdir')
+    state = ckpt.load_arrays(workdir, step)
+    variables = {'params': state['ema'] if use_ema else state['params']}
+    if state.get('buffers'):
+        variables['buffers'] = state['buffers']
+    description = dict(kind='train_run', path=os.path.abspath(workdir), step=int(state['step']),
+                       params='ema' if use_ema else 'raw', arch=config.model.arch, precond=config.model.precond)
+    return Model(net=net, variables=variables, denoiser=lambda v: denoiser_fn(config, net, v),
+                 resolution=info.resolution, channels=info.channels, label_dim=net.label_dim,
+                 sigma_range=sigma_range(config), description=description)
+
+
+def _dataset_info(workdir: str, config):
+    from jaxdiff.data.sources import DatasetInfo
+    from jaxdiff.train import checkpoint as ckpt
+    path = os.path.join(workdir, ckpt.INFO_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            return DatasetInfo(**json.load(f))
+    from jaxdiff.train.loop import make_data  # runs trained before dataset_info.json existed
+    return make_data(config)[1]
+
+
+# Reference preconditioning classes -> (jaxdiff binder, the constants it takes from the pickle's attributes).
+_PRECONDS = {
+    'EDMPrecond': (precond.edm, ('sigma_data',)),
+    'VPPrecond': (precond.vp, ('beta_d', 'beta_min', 'M')),
+    'VEPrecond': (precond.ve, ()),
+    'iDDPMPrecond': (precond.iddpm, ('M', 'C_1', 'C_2')),
+}
+
+
+def _converted(folder: str) -> Model:
+    from jaxdiff.nets import convert
+    net, variables, config = convert.load_converted(folder)
+    name, kwargs = config.get('precond'), config.get('precond_kwargs') or {}
+    if name not in _PRECONDS:
+        raise ValueError(f'{folder}: preconditioning {name!r} is not supported for sampling (known: '
+                         f'{", ".join(sorted(_PRECONDS))}); convert a full EDM network pickle, not a bare net')
+    bind, constants = _PRECONDS[name]
+    extra = {k: kwargs[k] for k in constants if k in kwargs}
+    channels = int(kwargs.get('img_channels', net.in_channels))
+    if name == 'iDDPMPrecond':
+        extra['out_channels'] = channels  # the net also predicts variances in its other channels
+    label_dim = int(net.label_dim)
+
+    def denoiser(v):
+        return bind(net, v, label_dim=label_dim, **extra)
+
+    lo, hi = float(kwargs.get('sigma_min', 0.0)), float(kwargs.get('sigma_max', float('inf')))
+    description = dict(kind='edm_checkpoint', path=os.path.abspath(folder), precond=name,
+                       source=config.get('source'))
+    return Model(net=net, variables=variables, denoiser=denoiser, resolution=int(net.img_resolution),
+                 channels=channels, label_dim=label_dim, sigma_range=(lo, hi), description=description)

@@ -1,0 +1,131 @@
+"""Sample a trained model into fixed-size, resumable shards; rerun the same command to finish an interrupted run.
+
+    python sample.py --workdir RUN_DIR --out OUT_DIR --num_samples N [--seeds A-B] [--batch_size B]
+        [--shard_size S] [--class_balanced | --labels L[,L...]] [--solver edm --num_steps 18 --S_churn 0 ...]
+        [--guidance W | --guidance cfg:weight=W,schedule=linear ...] [--use_ema=true] [--step STEP]
+        [--grid grid.png] [--array_record] [--filter_top P --filter_classifier NAME]
+        [--coordinator_address HOST:PORT --num_processes N --process_id I]
+
+--workdir is a train.py run directory or a folder written by ``python -m jaxdiff.nets.convert`` (an official EDM
+checkpoint). Sample i uses seed i alone: the same bytes whatever --batch_size, device count or host count. Output:
+OUT_DIR/shard-XXXXX.npz (images uint8 NHWC, labels int32, seeds int64) and OUT_DIR/manifest.json. Every option of
+every solver in jaxdiff.solvers is a flag (listed by --helpfull); settings can also come from a file with
+--flagfile. Errors end with one line on stderr and exit code 1 (2 for command-line errors).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from absl import app, flags, logging
+
+from jaxdiff.sampling import options
+from jaxdiff.cli import fail, quiet_checkpoint_echoes
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'train.py run directory, or a converted EDM checkpoint folder.')
+_OUT = flags.DEFINE_string('out', None, 'Output folder for the shards and manifest.json.')
+_NUM = flags.DEFINE_integer('num_samples', None, 'Number of samples (seeds 0..N-1 unless --seeds is given).')
+_SEEDS = flags.DEFINE_string('seeds', None, 'Seed range A-B (inclusive), e.g. 0-49999.')
+_BATCH = flags.DEFINE_integer('batch_size', 64, 'Samples per batch on this process (multiple of its devices).')
+_SHARD = flags.DEFINE_integer('shard_size', 10_000, 'Samples per shard file.')
+_BALANCED = flags.DEFINE_bool('class_balanced', False, 'Label of seed s is s % num_classes (default: random).')
+_LABELS = flags.DEFINE_string('labels', None, 'Class index or comma list, cycled over seeds (default: random).')
+_SOLVER = flags.DEFINE_enum('solver', 'edm', list(options.SOLVERS), 'Sampler (jaxdiff.solvers).')
+_GUIDANCE = flags.DEFINE_multi_string('guidance', [], 'Denoiser transform, repeatable: W (= cfg:weight=W) or '
+                                      'NAME:key=value,... e.g. cfg:weight=2,schedule=linear,negative=3.')
+_EMA = flags.DEFINE_bool('use_ema', True, 'Sample from the EMA params (train.py runs).')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of a train.py run (default: the newest usable).')
+_GRID = flags.DEFINE_string('grid', None, 'Also write a PNG grid of the first (up to 100) samples here.')
+_RECORD = flags.DEFINE_bool('array_record', False, 'Also write array_record shards (OUT/records/) for grain.')
+_TOP = flags.DEFINE_float('filter_top', None, 'Keep the top P (0..1] per class by the classifier into OUT/topX.')
+_CLASSIFIER = flags.DEFINE_string('filter_classifier', 'digits_classifier', 'Classifier scoring p(class | image) '
+                                  'for --filter_top (a jaxdiff.metrics.feature_classifier name).')
+_COORD = flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
+_NPROC = flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
+_PID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process index (0 .. num_processes-1).')
+
+
+def _define_solver_flags() -> dict:
+    """One string flag per solver option (value parsed as a Python literal); unset flags keep solver defaults."""
+    defined = {}
+    for name, per_solver in sorted(options.all_options().items()):
+        where = ', '.join(f'{s}={d!r}' for s, d in per_solver.items())
+        defined[name] = flags.DEFINE_string(name, None, f'Solver option (defaults: {where}).')
+    return defined
+
+
+_SOLVER_FLAGS = _define_solver_flags()
+
+
+def _fail(message: str, code: int) -> None:
+    fail('sample.py', message, code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing with one-line errors (exit code 2)."""
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e).splitlines()[0], 2)
+    if not _WORKDIR.value:
+        _fail('--workdir is required (a train.py run directory or a converted EDM checkpoint folder)', 2)
+    if not _OUT.value:
+        _fail('--out is required (the folder for the sample shards)', 2)
+    return rest
+
+
+def write_grid(out_dir: str, path: str, num_classes: int) -> str:
+    """PNG grid of the first (up to 100) samples of ``out_dir``, sorted by label when conditional."""
+    import numpy as np
+    from PIL import Image
+
+    from jaxdiff.sampling import shards
+    from jaxdiff.train.sample_grid import grid_image
+    data = shards.read_shard(shards.shard_path(out_dir, 0))
+    images, labels = data['images'][:100], data['labels'][:100]
+    columns = math.ceil(math.sqrt(len(images)))
+    if num_classes:
+        order = np.argsort(labels, kind='stable')
+        images = images[order]
+        columns = min(num_classes, 32) if len(np.unique(labels)) == num_classes else columns
+    grid = grid_image(images, columns)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    return path
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f'unexpected arguments {argv[1:]}', 2)
+    logging.set_verbosity(logging.WARNING)
+    quiet_checkpoint_echoes()
+    from jaxdiff import parallel
+    from jaxdiff.sampling import generate, run, shards
+    from jaxdiff.sampling.model import load_model
+    from jaxdiff.train.checkpoint import CheckpointError
+
+    solver_options = {name: options.parse_value(flag.value) for name, flag in _SOLVER_FLAGS.items()
+                      if flag.value is not None}
+    try:
+        first, end = shards.parse_seeds(_SEEDS.value, _NUM.value)
+        parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
+        import jax
+        model = load_model(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value)
+        labels = generate.make_labels(model.label_dim, _BALANCED.value, _LABELS.value)
+        run.sample(model, _OUT.value, first=first, end=end, batch_size=_BATCH.value, shard_size=_SHARD.value,
+                   solver=_SOLVER.value, solver_options=solver_options, transforms=_GUIDANCE.value, labels=labels,
+                   array_record=_RECORD.value)
+        if jax.process_index() == 0:
+            print(f'done: {end - first:,} samples (seeds {first}-{end - 1}) in {os.path.abspath(_OUT.value)}',
+                  flush=True)
+            if _GRID.value:
+                print(f'grid: {write_grid(_OUT.value, _GRID.value, labels.num_classes)}', flush=True)
+            if _TOP.value is not None:
+                from jaxdiff.sampling.filter import filter_folder
+                filter_folder(_OUT.value, _TOP.value, _CLASSIFIER.value, shard_size=_SHARD.value)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError) as e:
+        _fail(str(e), 1)
+
+
+if __name__ == '__main__':
+    app.run(main, flags_parser=parse_flags)
