@@ -1,11 +1,20 @@
 """Training logs: a progress line (step, loss, img/s, ETA, lr, non-finite count), TensorBoard scalars via
-tensorboardX in ``workdir/tb``, and the parameter overview printed at start.
+tensorboardX in ``workdir/tb``, the same scalars as JSON lines in ``workdir/metrics.jsonl``, and the parameter
+overview printed at start.
 
-Only the primary process (process 0) prints and writes event files; the others construct a silent logger.
+``metrics.jsonl`` holds one object per written interval, ``{"step", "loss", "lr", "grad_norm", "img_per_s",
+"nonfinite", "time"}`` (``time`` in unix seconds; non-finite values as ``null`` so the file is strict JSON). Each
+line is flushed as written, so a killed run keeps its lines; a resumed run appends, so a step may appear more than
+once and :func:`read_metrics` keeps the last row per step.
+
+Only the primary process (process 0) prints and writes event files and JSON lines; the others construct a silent
+logger.
 """
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
 import sys
 import time
@@ -14,6 +23,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 SCALARS = ('loss', 'lr', 'grad_norm', 'img_per_s', 'nonfinite')
+METRICS_FILE = 'metrics.jsonl'
 
 
 def format_eta(seconds: float) -> str:
@@ -30,10 +40,39 @@ def progress_line(step: int, total_steps: int, scalars: Mapping[str, float], eta
             f'nonfinite {int(scalars["nonfinite"])}')
 
 
+def metrics_record(step: int, scalars: Mapping[str, float], unix_time: float) -> str:
+    """One ``metrics.jsonl`` line (no newline): step, the :data:`SCALARS` to 7 significant digits, time; non-finite
+    floats become null."""
+    row = {'step': int(step)}
+    for name in SCALARS:
+        value = float(scalars[name])
+        # 7 digits: the float32 precision the device computed them in (1e-3, not 0.0010000000474974513).
+        row[name] = float(f'{value:.7g}') if math.isfinite(value) else None
+    row['nonfinite'] = int(scalars['nonfinite'])  # a count: keep it an integer in the JSON
+    row['time'] = float(unix_time)
+    return json.dumps(row)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` file sorted by step, the last row kept per step (a resumed run rewrites the
+    steps after its checkpoint). Lines that are not JSON objects with an integer step (e.g. a line cut short when a
+    run was killed mid-write) are skipped."""
+    rows: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get('step'), int):
+                rows[row['step']] = row
+    return [rows[step] for step in sorted(rows)]
+
+
 class MetricsLogger:
-    """Accumulates per-step metrics and, every call to :meth:`write`, prints a progress line and writes
+    """Accumulates per-step metrics and, every call to :meth:`write`, prints a progress line, writes
     TensorBoard scalars (tags: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/img_per_s``,
-    ``train/nonfinite`` — the last one cumulative).
+    ``train/nonfinite`` — the last one cumulative) and appends one line to ``workdir/metrics.jsonl``.
 
     Timing: :meth:`start_interval` marks the start of a measured interval; :meth:`pause` / :meth:`resume`
     exclude checkpointing and sampling time from img/s.
@@ -44,9 +83,13 @@ class MetricsLogger:
         self.total_steps, self.batch_size, self.enabled = total_steps, batch_size, enabled
         self.stream = stream or sys.stdout
         self.writer = None
+        self._jsonl = None
         if enabled:
             from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(os.path.join(workdir, 'tb'), flush_secs=30)
+            os.makedirs(workdir, exist_ok=True)
+            # Append: a resumed run continues the file (readers keep the last row per step).
+            self._jsonl = open(os.path.join(workdir, METRICS_FILE), 'a')
         self._pending: list[Mapping] = []
         self._t0: Optional[float] = None
         self._paused = 0.0
@@ -58,9 +101,11 @@ class MetricsLogger:
         self._t0, self._paused, self._interval_start_step = time.perf_counter(), 0.0, step
 
     def pause(self) -> None:
+        """Stop the clock (checkpointing, sampling) until :meth:`resume`."""
         self._pause_t = time.perf_counter()
 
     def resume(self) -> None:
+        """Restart the clock stopped by :meth:`pause`."""
         if self._pause_t is not None:
             self._paused += time.perf_counter() - self._pause_t
             self._pause_t = None
@@ -91,6 +136,8 @@ class MetricsLogger:
             for name in SCALARS:
                 if np.isfinite(scalars[name]):
                     self.writer.add_scalar(f'train/{name}', scalars[name], step)
+            self._jsonl.write(metrics_record(step, scalars, time.time()) + '\n')
+            self._jsonl.flush()  # per line: a killed run keeps every interval it logged
         self.start_interval(step)
         return scalars
 
@@ -100,9 +147,13 @@ class MetricsLogger:
             print(message, file=self.stream, flush=True)
 
     def close(self) -> None:
+        """Flush and close the event file and ``metrics.jsonl`` (idempotent)."""
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
 
 
 def parameter_overview(params, max_rows: int = 40) -> str:

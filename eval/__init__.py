@@ -1,0 +1,1 @@
+"""Evaluation tasks, run as `python -m eval.<task>` from the repository root."""

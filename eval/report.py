@@ -1,0 +1,507 @@
+"""Run report: one self-contained HTML page summarising a training run, to read in a browser or to mail.
+
+    python -m eval.report --workdir RUN [--samples DIR ...] [--metrics FILE.json ...] [--out PATH]
+
+Sections, each shown when its input exists and otherwise replaced by one "not available: <why>" line:
+
+- header: run name, date written, key config fields, the last checkpoint step, the full config (collapsible);
+- loss curve: loss and img/s against step from ``RUN/metrics.jsonl`` (the last row kept per step);
+- training sample grids: the latest ``RUN/samples/step_*.png`` and up to three earlier ones spread over the run;
+- sample folders (``--samples``, written by sample.py): ``DIR/grid.png``, or a grid of the first shard's first 100
+  images with one column per class when labelled, and the fields of ``DIR/manifest.json``;
+- metrics: one table row per JSON object in ``RUN/eval/*.json`` and in the ``--metrics`` files (a file holds one
+  object or a list of objects); the last column names the file.
+
+Images are base64 PNG data URIs and the CSS is inline, so the file stands alone. The report only reads the run: an
+unreadable file shows as "not available: <file>: <reason>" in its section. The output defaults to
+``RUN/report.html``; its path is the last stdout line. A missing workdir is one ``error:`` line and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import glob
+import html
+import io
+import json
+import math
+import os
+import re
+import sys
+import zipfile
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from jaxdiff import files
+from jaxdiff.train.metrics_log import METRICS_FILE, read_metrics
+from jaxdiff.train.sample_grid import grid_image
+
+KEY_FIELDS = ('data.source', 'model.arch', 'model.model_channels', 'batch_size', 'total_steps')
+METRIC_ORDER = ('label', 'features', 'fid', 'fd', 'is', 'precision', 'recall', 'num_samples')
+SHARD_PREVIEW = 100        # images taken from the first shard when a sample folder has no grid.png
+EARLIER_GRIDS = 3          # training grids shown besides the latest
+MAX_CLASS_COLUMNS = 32     # beyond this many classes a grid is near-square (sorted by label), not one column each
+MAX_LIST_ITEMS = 10        # longer lists in a table cell are summarised as "[N items]"
+# What reading a damaged JSON / PNG / npz file raises (PIL reports some broken PNG chunks as SyntaxError).
+READ_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, zipfile.BadZipFile)
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; color: #222; max-width: 1100px;
+       margin: 2em auto; padding: 0 1em; line-height: 1.4; }
+h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 1.8em; }
+.meta { color: #666; margin-top: 0; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
+th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.file { color: #666; }
+.na { color: #8a5300; font-style: italic; }
+figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
+figcaption { color: #555; font-size: 0.9em; }
+img { max-width: 100%; image-rendering: pixelated; border: 1px solid #eee; }
+img.plot { image-rendering: auto; }
+pre { background: #f7f7f7; padding: 0.8em; overflow: auto; max-height: 40em; font-size: 0.85em; }
+"""
+
+
+# ----------------------------------------------------------------------------------------------- HTML pieces
+
+def esc(value: Any) -> str:
+    """Text escaped for HTML content and attribute values."""
+    return html.escape(str(value), quote=True)
+
+
+def reason(error: BaseException) -> str:
+    """One line for an exception: the OS message for OSErrors (the path is named by the caller), else its text."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return ' '.join(text.split()) or type(error).__name__
+
+
+def unavailable(why: str) -> str:
+    """The one-line placeholder for a section or item whose input is missing or unreadable."""
+    return f'<p class="na">not available: {esc(why)}</p>'
+
+
+def format_value(value: Any) -> str:
+    """A table cell's text: floats to 4 significant digits, short lists inline, long ones as "[N items]"."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_LIST_ITEMS or any(isinstance(v, (list, tuple, dict)) for v in value):
+            return f'[{len(value)} items]'
+        return '[' + ', '.join(format_value(v) for v in value) + ']'
+    return str(value)
+
+
+def cell(value: Any) -> str:
+    """One <td> holding ``value`` formatted, right-aligned when numeric."""
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f'<td{" class=num" if numeric else ""}>{esc(format_value(value))}</td>'
+
+
+def key_value_table(items: Mapping[str, Any]) -> str:
+    """A two-column table of field names and values."""
+    rows = ''.join(f'<tr><th>{esc(k)}</th>{cell(v)}</tr>' for k, v in items.items())
+    return f'<table>{rows}</table>'
+
+
+def flatten(obj: Mapping, prefix: str = '') -> dict[str, Any]:
+    """Nested dicts -> one dict with dotted keys, in order; other values (lists included) are kept as they are."""
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + '.'))
+        else:
+            out[name] = value
+    return out
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) -> PNG file bytes."""
+    image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format='PNG')
+    return buffer.getvalue()
+
+
+def read_png(path: str) -> bytes:
+    """A PNG file's bytes, decoded once to check them: a truncated or non-PNG file raises (see READ_ERRORS)."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format != 'PNG':
+            raise ValueError(f'not a PNG file ({image.format})')
+        image.load()
+    return data
+
+
+def figure(png: bytes, caption: str, css: str = '') -> str:
+    """A captioned <img> holding ``png`` as a base64 data URI."""
+    data = base64.b64encode(png).decode('ascii')
+    extra = f' class="{css}"' if css else ''
+    return (f'<figure><img{extra} alt="{esc(caption)}" src="data:image/png;base64,{data}">'
+            f'<figcaption>{esc(caption)}</figcaption></figure>')
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's value (raises OSError / ValueError when missing or corrupt)."""
+    with open(path, encoding='utf-8') as f:
+        return json.load(f)
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON file holding one object (config.json, manifest.json); raises ValueError for any other value."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ValueError('not a JSON object')
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- header
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of ``workdir/checkpoints/<step>/`` directories, ascending (orbax tmp dirs are not steps)."""
+    directory = os.path.join(workdir, 'checkpoints')
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def header_section(workdir: str, written: str) -> str:
+    """Run name, date, key config fields with the last checkpoint step, and the full config collapsed."""
+    name = os.path.basename(os.path.abspath(workdir))
+    parts = [f'<h1>{esc(name)}</h1>',
+             f'<p class="meta">report written {esc(written)} from {esc(os.path.abspath(workdir))}</p>']
+    path = os.path.join(workdir, 'config.json')
+    config: dict = {}
+    if not os.path.exists(path):
+        parts.append(unavailable(f'config: no config.json in {workdir}'))
+    else:
+        try:
+            config = read_json_object(path)
+        except READ_ERRORS as e:
+            parts.append(unavailable(f'{path}: {reason(e)}'))
+    fields = flatten(config)
+    steps = checkpoint_steps(workdir)
+    summary = {key: fields[key] for key in KEY_FIELDS if key in fields}
+    summary['last checkpoint'] = steps[-1] if steps else 'none'
+    parts.append(key_value_table(summary))
+    if config:
+        parts.append('<details><summary>full config</summary><pre>'
+                     f'{esc(json.dumps(config, indent=2, sort_keys=True))}</pre></details>')
+    return '\n'.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- loss curve
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def loss_plot_png(rows: Sequence[Mapping]) -> bytes:
+    """Two panels against step: loss (log scale when every value is positive) and img/s; as PNG bytes."""
+    # Figure + the Agg canvas directly, not pyplot: no global backend switch, no figure registry to leak into.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
+    fig = Figure(figsize=(10, 3.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_speed = fig.subplots(1, 2)
+    for ax, key, title in ((ax_loss, 'loss', 'loss'), (ax_speed, 'img_per_s', 'img/s')):
+        points = [(r['step'], r[key]) for r in rows if _finite(r.get(key))]
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker='.' if len(points) < 50 else None, linewidth=1.2)
+            if key == 'loss' and min(values) > 0:
+                ax.set_yscale('log')
+                # Plain numbers (0.4, not 4x10^-1) on the few decades a loss spans.
+                ax.yaxis.set_major_formatter(FormatStrFormatter('%g'))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter('%g'))
+        else:
+            ax.text(0.5, 0.5, 'no values', ha='center', va='center', transform=ax.transAxes)
+        ax.set_xlabel('step')
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png')
+    return buffer.getvalue()
+
+
+def loss_section(workdir: str) -> str:
+    """The loss / img/s plot from ``metrics.jsonl`` and a line with the last logged values."""
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        tb = os.path.join(workdir, 'tb')
+        hint = f' (older runs log to TensorBoard only: tensorboard --logdir {tb})' if os.path.isdir(tb) else ''
+        return unavailable(f'no {METRICS_FILE} in {workdir}{hint}')
+    try:
+        rows = read_metrics(path)
+    except READ_ERRORS as e:
+        return unavailable(f'{path}: {reason(e)}')
+    if not rows:
+        return unavailable(f'{path}: no complete rows')
+    last = rows[-1]
+    summary = (f'{len(rows)} logged steps; last step {last["step"]}: loss {format_value(last.get("loss"))}, '
+               f'{format_value(last.get("img_per_s"))} img/s, nonfinite {format_value(last.get("nonfinite"))}')
+    return figure(loss_plot_png(rows), 'loss and img/s against step', 'plot') + f'<p>{esc(summary)}</p>'
+
+
+# ----------------------------------------------------------------------------------------------- training grids
+
+def training_grids(workdir: str) -> list[tuple[int, str]]:
+    """(step, path) of ``workdir/samples/step_<step>.png``, ascending."""
+    pattern = re.compile(r'step_(\d+)\.png$')
+    directory = os.path.join(workdir, 'samples')
+    if not os.path.isdir(directory):
+        return []
+    found = ((pattern.match(n), n) for n in os.listdir(directory))
+    return sorted((int(m.group(1)), os.path.join(directory, n)) for m, n in found if m)
+
+
+def pick_grids(items: Sequence, earlier: int = EARLIER_GRIDS) -> list:
+    """The last item and up to ``earlier`` earlier ones spread evenly from the first, in order."""
+    if len(items) <= earlier + 1:
+        return list(items)
+    picks = sorted(set(np.linspace(0, len(items) - 2, earlier).round().astype(int).tolist()))
+    return [items[i] for i in picks] + [items[-1]]
+
+
+def training_grids_section(workdir: str) -> str:
+    """The latest training sample grid first, then the earlier picks in step order."""
+    grids = training_grids(workdir)
+    if not grids:
+        return unavailable(f'no samples/step_*.png in {workdir}')
+    chosen = pick_grids(grids)
+    latest, earlier = chosen[-1], chosen[:-1]
+    parts = []
+    for step, path in [latest] + earlier:
+        try:
+            png = read_png(path)
+        except READ_ERRORS as e:
+            parts.append(unavailable(f'{path}: {reason(e)}'))
+            continue
+        parts.append(figure(png, f'step {step}' + (' (latest)' if (step, path) == latest else '')))
+    note = f'<p class="meta">{len(grids)} grids in {esc(os.path.join(workdir, "samples"))}; showing {len(chosen)}</p>'
+    return note + '\n'.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- sample folders
+
+def class_layout(images: np.ndarray, labels: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
+    """(images, columns) for :func:`grid_image` with one column per class: row r holds each class's r-th image,
+    blank where a class has fewer. Unlabelled, single-class or many-class sets get a near-square grid (sorted by
+    label when labelled)."""
+    square = max(1, math.ceil(math.sqrt(len(images))))
+    if labels is None:
+        return images, square
+    classes = np.unique(labels)
+    if not 2 <= len(classes) <= MAX_CLASS_COLUMNS:
+        return images[np.argsort(labels, kind='stable')], square
+    members = [np.flatnonzero(labels == c) for c in classes]
+    out = np.zeros((max(len(m) for m in members), len(classes)) + images.shape[1:], images.dtype)
+    for column, index in enumerate(members):
+        out[:len(index), column] = images[index]
+    return out.reshape((-1,) + images.shape[1:]), len(classes)
+
+
+def shard_preview(shard_path: str, limit: int = SHARD_PREVIEW) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """The first ``limit`` images (uint8 NHWC) and labels (or None) of a sample shard; raises ValueError on bad data."""
+    with np.load(shard_path, allow_pickle=False) as shard:
+        images = shard['images'][:limit]
+        labels = shard['labels'][:limit] if 'labels' in shard.files else None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or not len(images):
+        raise ValueError(f'images must be non-empty uint8 (N, H, W, C) with C in 1, 3, 4; got {images.dtype} '
+                         f'{images.shape}')
+    if labels is not None and labels.size == 0:
+        labels = None
+    if labels is not None and labels.shape != (len(images),):
+        raise ValueError(f'labels must be ({len(images)},) to match the images; got {labels.shape}')
+    return images, labels
+
+
+def folder_grid(directory: str) -> str:
+    """``grid.png`` when the folder has one, else a grid built from the first shard."""
+    grid_path = os.path.join(directory, 'grid.png')
+    if os.path.exists(grid_path):
+        try:
+            return figure(read_png(grid_path), 'grid.png')
+        except READ_ERRORS as e:
+            return unavailable(f'{grid_path}: {reason(e)}')
+    shards = sorted(glob.glob(os.path.join(glob.escape(directory), 'shard-*.npz')))
+    if not shards:
+        return unavailable(f'no grid.png and no shard-*.npz in {directory}')
+    try:
+        images, labels = shard_preview(shards[0])
+    except READ_ERRORS as e:
+        return unavailable(f'{shards[0]}: {reason(e)}')
+    tiles, columns = class_layout(images, labels)
+    by_class = labels is not None and columns == len(np.unique(labels))
+    caption = (f'first {len(images)} images of {os.path.basename(shards[0])}'
+               + (', one column per class' if by_class else ''))
+    return figure(png_bytes(grid_image(tiles, columns)), caption)
+
+
+def folder_manifest(directory: str) -> str:
+    """The fields of ``manifest.json`` (nested dicts flattened to dotted names) and the shard count on disk."""
+    shards = len(glob.glob(os.path.join(glob.escape(directory), 'shard-*.npz')))
+    on_disk = f'<p class="meta">{shards} shard file(s) on disk</p>'
+    path = os.path.join(directory, 'manifest.json')
+    if not os.path.exists(path):
+        return unavailable(f'no manifest.json in {directory}') + on_disk
+    try:
+        manifest = read_json_object(path)
+    except READ_ERRORS as e:
+        return unavailable(f'{path}: {reason(e)}') + on_disk
+    return key_value_table(flatten(manifest)) + on_disk
+
+
+def samples_section(directories: Sequence[str]) -> str:
+    """One subsection per ``--samples`` folder: its grid and its manifest."""
+    if not directories:
+        return unavailable('no --samples folders given')
+    parts = []
+    for directory in directories:
+        parts.append(f'<h3>{esc(directory)}</h3>')
+        if not os.path.isdir(directory):
+            parts.append(unavailable(f'{directory}: no such directory'))
+            continue
+        parts += [folder_grid(directory), folder_manifest(directory)]
+    return '\n'.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def metric_objects(path: str) -> list[dict]:
+    """The metric objects in a JSON file holding one object or a list of objects (raises on anything else)."""
+    data = read_json(path)
+    objects = data if isinstance(data, list) else [data]
+    if not all(isinstance(o, dict) for o in objects):
+        raise ValueError('expected a JSON object or a list of JSON objects')
+    return objects
+
+
+def metric_columns(rows: Sequence[Mapping]) -> list[str]:
+    """The union of the rows' keys: :data:`METRIC_ORDER` first (those present), then the rest alphabetically."""
+    keys = {key for row in rows for key in row}
+    return [k for k in METRIC_ORDER if k in keys] + sorted(keys - set(METRIC_ORDER))
+
+
+def metrics_table(entries: Sequence[tuple[str, Mapping]]) -> str:
+    """One row per (file, metric object); nested values flattened to dotted columns; the file in the last column."""
+    rows = [flatten(obj) for _, obj in entries]
+    columns = metric_columns(rows)
+    head = ''.join(f'<th>{esc(c)}</th>' for c in columns) + '<th>file</th>'
+    body = ''.join('<tr>' + ''.join(cell(row[c]) if c in row else '<td></td>' for c in columns)
+                   + f'<td class="file">{esc(source)}</td></tr>' for (source, _), row in zip(entries, rows))
+    return f'<table><tr>{head}</tr>{body}</table>'
+
+
+def unique_paths(paths: Sequence[str]) -> list[str]:
+    """``paths`` in order without the ones naming a file already listed (same real path)."""
+    seen: set[str] = set()
+    unique = []
+    for path in paths:
+        if os.path.realpath(path) not in seen:
+            seen.add(os.path.realpath(path))
+            unique.append(path)
+    return unique
+
+
+def metrics_section(workdir: str, metric_files: Sequence[str]) -> str:
+    """Every object from ``workdir/eval/*.json`` and the ``--metrics`` files in one table; unreadable files listed."""
+    paths = sorted(glob.glob(os.path.join(glob.escape(workdir), 'eval', '*.json'))) + list(metric_files)
+    paths = unique_paths(paths)  # a --metrics file may also be one of RUN/eval/*.json: its rows once
+    if not paths:
+        return unavailable(f'no eval/*.json in {workdir} and no --metrics files given')
+    entries, problems = [], []
+    for path in paths:
+        try:
+            entries += [(path, obj) for obj in metric_objects(path)]
+        except READ_ERRORS as e:
+            problems.append(unavailable(f'{path}: {reason(e)}'))
+    table = metrics_table(entries) if entries else unavailable('no metric objects in ' + ', '.join(paths))
+    return table + '\n'.join(problems)
+
+
+# ----------------------------------------------------------------------------------------------- page
+
+def render_page(title: str, sections: Sequence[tuple[Optional[str], str]]) -> str:
+    """The full HTML document: inline CSS, then each (heading or None, body html) section."""
+    body = '\n'.join((f'<h2>{esc(h)}</h2>\n' if h else '') + content for h, content in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n')
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``path`` through a temporary file, so an interrupted run never leaves half a report."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    files.write_bytes(path, text.encode('utf-8'))
+
+
+def build_report(workdir: str, samples_dirs: Sequence[str] = (), metric_files: Sequence[str] = (),
+                 out: Optional[str] = None) -> str:
+    """Write the HTML report of run ``workdir`` to ``out`` (default ``workdir/report.html``); returns its path.
+
+    Raises FileNotFoundError when ``workdir`` is not a directory; missing or corrupt inputs show in the page.
+    """
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f'workdir {workdir!r} is not a directory (pass the --workdir of a train.py run)')
+    out = out or os.path.join(workdir, 'report.html')
+    written = datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M:%S %Z')
+    sections = [(None, header_section(workdir, written)),
+                ('Training loss', loss_section(workdir)),
+                ('Training sample grids', training_grids_section(workdir)),
+                ('Sample folders', samples_section(samples_dirs)),
+                ('Metrics', metrics_section(workdir, metric_files))]
+    write_text(out, render_page(f'{os.path.basename(os.path.abspath(workdir))}: jaxdiff run report', sections))
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        # One line and exit code 2 (as train.py), instead of argparse's usage dump.
+        print(f'error: {message}', file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """The command line (raises SystemExit(2) after one error line when it is bad)."""
+    parser = _Parser(prog='python -m eval.report', description=__doc__.splitlines()[0])
+    parser.add_argument('--workdir', required=True, help='run directory written by train.py')
+    parser.add_argument('--samples', action='append', default=[], metavar='DIR',
+                        help='sample folder written by sample.py (repeatable)')
+    parser.add_argument('--metrics', action='append', default=[], metavar='FILE.json',
+                        help='JSON file with a metric object or a list of them (repeatable)')
+    parser.add_argument('--out', default=None, metavar='PATH', help='output HTML (default RUN/report.html)')
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry: build the report and print its path last. Returns 0, 2 for a bad command line or a missing
+    workdir, 1 when the report cannot be written."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    if not os.path.isdir(args.workdir):
+        print(f'error: workdir {args.workdir!r} is not a directory (pass the --workdir of a train.py run)',
+              file=sys.stderr)
+        return 2
+    try:
+        path = build_report(args.workdir, args.samples, args.metrics, args.out)
+    except OSError as e:  # inputs that cannot be read show in the page; this is the output or a directory listing
+        print(f'error: {e.filename or args.out}: {reason(e)}', file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

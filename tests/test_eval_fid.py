@@ -1,0 +1,130 @@
+"""python -m eval.fid: the JSON line, statistics files, seed ranges (EDM protocol), the scale of the offline
+distance (real < model-like < noise), and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eval import fid
+from jaxdiff.metrics import frechet
+from jaxdiff.sampling import shards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def cache(tmp_path_factory):
+    """One classifier cache for the module (the digits classifier trains once)."""
+    path = str(tmp_path_factory.mktemp('cache'))
+    old = os.environ.get('JAXDIFF_CACHE')
+    os.environ['JAXDIFF_CACHE'] = path
+    yield path
+    if old is None:
+        os.environ.pop('JAXDIFF_CACHE')
+    else:
+        os.environ['JAXDIFF_CACHE'] = old
+
+
+def write_folder(folder, images, labels, first=0, shard_size=200):
+    folder.mkdir()
+    plan = shards.Plan(first, first + len(images), shard_size)
+    for k in range(plan.num_shards):
+        rows = slice(k * shard_size, (k + 1) * shard_size)
+        shards.write_shard(str(folder), k, images[rows], labels[rows], plan.seeds(k), 10)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'eval.fid', *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_distances_have_a_scale_and_seed_ranges(cache, tmp_path):
+    from jaxdiff.metrics.feature_classifier import dataset_split
+    train, labels = dataset_split('digits_classifier', 'train')
+    blurred = np.clip(train.astype(np.int16) + np.random.default_rng(0).integers(-40, 40, train.shape), 0, 255)
+    write_folder(tmp_path / 's', blurred.astype(np.uint8)[:1000], labels[:1000])
+    quiet = dict(log=lambda _: None)
+    same = fid.evaluate('digits', 'digits', 'digits_classifier', **quiet)
+    real = fid.evaluate('digits:heldout', 'digits', 'digits_classifier', **quiet)['fd']
+    assert abs(same['fd']) < 1e-4 * real and same['precision'] == 1.0 and same['recall'] == 1.0
+    model = fid.evaluate(str(tmp_path / 's'), 'digits', 'digits_classifier', **quiet)
+    noise = fid.evaluate('noise', 'digits', 'digits_classifier', num_samples=1000, **quiet)['fd']
+    assert 0 < real < model['fd'] < noise, (real, model['fd'], noise)
+    assert model['features'] == 'digits_classifier' and model['num_samples'] == 1000 and 'fid' not in model
+    assert 1.0 <= model['is'] <= 10.0 and 0 <= model['precision'] <= 1 and 0 <= model['recall'] <= 1
+    # seed ranges: the FD of each range equals the FD of that slice; the min is reported
+    ranged = fid.evaluate(str(tmp_path / 's'), 'digits', 'digits_classifier',
+                          seed_ranges=[(0, 499), (500, 999)], **quiet)
+    first_half = fid.evaluate(str(tmp_path / 's'), 'digits', 'digits_classifier', num_samples=500, **quiet)
+    assert ranged['fd_per_range'][0] == pytest.approx(first_half['fd'], rel=1e-9)
+    assert ranged['fd'] == min(ranged['fd_per_range'])
+    with pytest.raises(ValueError, match='seeds 0-1999'):
+        fid.evaluate(str(tmp_path / 's'), 'digits', 'digits_classifier', seed_ranges=[(0, 1999)], **quiet)
+
+
+def test_cli_json_line_and_stats_file(cache, tmp_path):
+    stats = tmp_path / 'ref_stats.npz'
+    made = cli('--samples', 'digits', '--ref', 'digits', '--features', 'digits_classifier',
+               '--save_stats', stats)
+    assert made.returncode == 0, made.stderr[-2000:]
+    mu, sigma = frechet.load_stats(str(stats))
+    assert mu.shape == (sigma.shape[0],) and sigma.shape[0] == sigma.shape[1]
+    with_images = cli('--samples', 'digits:heldout', '--ref', 'digits', '--features', 'digits_classifier',
+                      '--json', tmp_path / 'r.json', '--label', 'real')
+    with_stats = cli('--samples', 'digits:heldout', '--ref', stats, '--features', 'digits_classifier')
+    a = json.loads(with_images.stdout.strip().splitlines()[-1])
+    b = json.loads(with_stats.stdout.strip().splitlines()[-1])
+    assert a['fd'] == pytest.approx(b['fd'], rel=1e-9) and a['label'] == 'real'
+    assert 'precision' in a and 'precision' not in b  # statistics carry no points for precision/recall
+    assert json.load(open(tmp_path / 'r.json')) == a
+
+
+def test_one_line_errors(cache, tmp_path):
+    (tmp_path / 'empty').mkdir()
+    small = tmp_path / 'small.npz'
+    np.savez(small, images=np.zeros((10, 16, 16, 1), np.uint8))
+    cases = [
+        (['--samples', tmp_path / 'empty', '--ref', 'digits', '--features', 'digits_classifier'], 'no images'),
+        (['--samples', small, '--ref', 'digits', '--features', 'digits_classifier'], 'image sizes differ'),
+        (['--samples', tmp_path / 'nowhere', '--ref', 'digits', '--features', 'digits_classifier'],
+         'not an image set'),
+        (['--samples', 'digits', '--ref', 'digits'], '--inception_weights'),
+        (['--samples', 'digits', '--ref', 'digits', '--features', 'inception', '--inception_weights',
+          tmp_path / 'missing.pth'], 'missing.pth'),
+    ]
+    for args, match in cases:
+        result = cli(*args)
+        errors = [l for l in result.stderr.splitlines() if l.startswith('eval.fid: error:')]
+        assert result.returncode == 1 and len(errors) == 1 and match in errors[0], (args, result.stderr[-2000:])
+        assert 'Traceback' not in result.stderr
+    assert cli('--samples', 'digits').returncode == 2
+
+
+def test_inception_features_give_fid(tmp_path):
+    """--features inception with a weights file in pytorch-fid's layout: 'fid' equals the Fréchet distance of the
+    network's pool3 features computed directly; IS uses the bias-free logits."""
+    import jax
+    import jax.numpy as jnp
+    from test_inception import write_torch_legacy
+    from jaxdiff.metrics.inception import FIDInceptionV3, inception_features, to_torch_state_dict
+    from jaxdiff.metrics.inception_score import inception_score
+    variables = FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+    weights = tmp_path / 'pt_inception.pth'
+    write_torch_legacy(weights, to_torch_state_dict(variables))
+    rng = np.random.default_rng(0)
+    fake, real = rng.integers(0, 256, (2, 12, 8, 8, 1), dtype=np.uint8)
+    fake[:, 2:6] = 255  # a visible difference between the sets
+    np.savez(tmp_path / 'fake.npz', images=fake)
+    np.savez(tmp_path / 'real.npz', images=real)
+    result = fid.evaluate(str(tmp_path / 'fake.npz'), str(tmp_path / 'real.npz'), 'inception',
+                          inception_weights=str(weights), log=lambda _: None)
+    f, r = (inception_features(variables, x) for x in (fake, real))
+    stats = [(np.mean(np.asarray(x['pool'], np.float64), 0), np.cov(np.asarray(x['pool'], np.float64),
+                                                                      rowvar=False)) for x in (f, r)]
+    assert result['fid'] == pytest.approx(frechet.frechet_distance(*stats[0], *stats[1]), rel=1e-6)
+    assert 'fd' not in result and result['features'] == 'inception' and result['num_ref'] == 12
+    unbiased = np.asarray(f['pool']) @ np.asarray(variables['params']['fc']['weight'])
+    assert result['is'] == pytest.approx(inception_score(unbiased, splits=10)[0], rel=1e-5)
