@@ -14,11 +14,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Train the digits config (resumes if out/demo/digits exists), print its last sample grid, then the 2-D solver demo.
+# Train digits (resumes if out/demo/digits exists), sample 2,000 images (resumable shards), measure Fréchet
+# distances with the digits classifier (trained model, real held-out data, Gaussian noise), run the 2-D solver
+# demo, then write the HTML report and print its path.
+RUN := $(OUT)/digits
+SAMPLES := $(RUN)/samples_edm18
+FD := $(BIN)/python -m eval.fid --ref digits --features digits_classifier
 demo: $(STAMP)
-	$(BIN)/python train.py --config configs/digits.py --workdir $(OUT)/digits
-	@echo "digits sample grid: $$(ls $(OUT)/digits/samples/step_*.png | sort | tail -1)"
+	$(BIN)/python train.py --config configs/digits.py --workdir $(RUN)
+	$(BIN)/python sample.py --workdir $(RUN) --out $(SAMPLES) --num_samples 2000 --class_balanced \
+		--batch_size 250 --shard_size 1000 --grid $(SAMPLES)/grid.png
+	$(FD) --samples $(SAMPLES) --label "trained model, 2000 samples" --json $(RUN)/eval/trained.json
+	$(FD) --samples $(SAMPLES) --num_samples 360 --label "trained model, 360 samples" --json $(RUN)/eval/trained_360.json
+	$(FD) --samples digits:heldout --label "real held-out, 360 images" --json $(RUN)/eval/real_heldout.json
+	$(FD) --samples noise --num_samples 360 --label "Gaussian noise, 360 images" --json $(RUN)/eval/noise.json
 	$(BIN)/python -m jaxdiff.demo --out $(OUT)
+	$(BIN)/python -m eval.report --workdir $(RUN) --samples $(SAMPLES)
 
 # The tests also exercise the TFDS source, so they install the optional `tfds` extra (no TensorFlow).
 $(TEST_STAMP): $(STAMP)
