@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import report
+from eval import html, report
 from jaxdiff.train import metrics_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,7 +192,7 @@ def test_pick_grids_spread():
 
 
 def test_format_value():
-    assert [report.format_value(v) for v in (0.123456, 12345.678, 2000, True, None, [1, 2.5], list(range(20)))] == [
+    assert [html.format_value(v) for v in (0.123456, 12345.678, 2000, True, None, [1, 2.5], list(range(20)))] == [
         '0.1235', '1.235e+04', '2000', 'true', 'null', '[1, 2.5]', '[20 items]']
 
 

@@ -247,3 +247,32 @@ def test_array_record_shards_read_back_through_grain_source(tmp_path):
         item = source[i]
         np.testing.assert_array_equal(item['image'], data['images'][i])
         assert item['label'] == data['labels'][i] == (i + 3) % 2
+
+
+def test_filter_folder_keeps_confident_samples(tmp_path, monkeypatch):
+    """Real digits with every third label wrong: the top 60% per class by the digits classifier's p(label) are
+    (nearly all) the correctly labelled ones, and the output is a sample folder of the same format."""
+    from jaxdiff.metrics.feature_classifier import dataset_split
+    monkeypatch.setenv('JAXDIFF_CACHE', str(tmp_path / 'cache'))
+    images, labels = dataset_split('digits_classifier', 'ref')
+    images, labels = images[:300], labels[:300].copy()
+    wrong = np.arange(300) % 3 == 0
+    labels[wrong] = (labels[wrong] + 1) % 10
+    folder = tmp_path / 'samples'
+    folder.mkdir()
+    plan = shards.Plan(100, 400, 128)
+    for k in range(plan.num_shards):
+        rows = slice(k * 128, (k + 1) * 128)
+        shards.write_shard(str(folder), k, images[rows], labels[rows], plan.seeds(k), 10)
+    record = shards.plan_record(plan, image_shape=[8, 8, 1], labels={'mode': 'cycle', 'values': [], 'num_classes': 10})
+    shards.write_manifest(str(folder), record, shards.shard_entries(str(folder), plan))
+    out = sfilter.filter_folder(str(folder), 0.6, 'digits_classifier', shard_size=100, log=lambda _: None)
+    kept = shards.load_samples(out)
+    counts = np.bincount(labels, minlength=10)
+    assert len(kept['seeds']) == sum(int(round(0.6 * c)) for c in counts)
+    kept_wrong = wrong[kept['seeds'] - 100]
+    assert kept_wrong.mean() < 0.05, kept_wrong.mean()  # a third of the input was mislabelled
+    assert np.all(np.diff(kept['seeds']) > 0)
+    manifest = json.load(open(os.path.join(out, 'manifest.json')))
+    assert manifest['complete'] and manifest['classifier'] == 'digits_classifier' and manifest['fraction'] == 0.6
+    assert manifest['mean_score_kept'] > manifest['mean_score_all']
