@@ -14,7 +14,6 @@ every solver in jaxdiff.solvers is a flag (listed by --helpfull); settings can a
 """
 from __future__ import annotations
 
-import math
 import os
 
 from absl import app, flags, logging
@@ -74,21 +73,15 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def write_grid(out_dir: str, path: str, num_classes: int) -> str:
-    """PNG grid of the first (up to 100) samples of ``out_dir``, sorted by label when conditional."""
-    import numpy as np
+def write_grid(out_dir: str, path: str) -> str:
+    """PNG grid of the first (up to 100) samples of ``out_dir``, one column per class when conditional."""
     from PIL import Image
 
     from jaxdiff.sampling import shards
-    from jaxdiff.train.sample_grid import grid_image
+    from jaxdiff.train.sample_grid import class_layout, grid_image
     data = shards.read_shard(shards.shard_path(out_dir, 0))
-    images, labels = data['images'][:100], data['labels'][:100]
-    columns = math.ceil(math.sqrt(len(images)))
-    if num_classes:
-        order = np.argsort(labels, kind='stable')
-        images = images[order]
-        columns = min(num_classes, 32) if len(np.unique(labels)) == num_classes else columns
-    grid = grid_image(images, columns)
+    labels = data['labels'][:100]
+    grid = grid_image(*class_layout(data['images'][:100], labels if (labels >= 0).all() else None))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
     return path
@@ -119,7 +112,7 @@ def main(argv: list[str]) -> None:
             print(f'done: {end - first:,} samples (seeds {first}-{end - 1}) in {os.path.abspath(_OUT.value)}',
                   flush=True)
             if _GRID.value:
-                print(f'grid: {write_grid(_OUT.value, _GRID.value, labels.num_classes)}', flush=True)
+                print(f'grid: {write_grid(_OUT.value, _GRID.value)}', flush=True)
             if _TOP.value is not None:
                 from jaxdiff.sampling.filter import filter_folder
                 filter_folder(_OUT.value, _TOP.value, _CLASSIFIER.value, shard_size=_SHARD.value)

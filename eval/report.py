@@ -34,13 +34,12 @@ import numpy as np
 from eval.html import (READ_ERRORS, cell, esc, figure, flatten, format_value, key_value_table, png_bytes, read_json,
                        read_json_object, read_png, reason, render_page, unavailable, write_text)
 from jaxdiff.train.metrics_log import METRICS_FILE, read_metrics
-from jaxdiff.train.sample_grid import grid_image
+from jaxdiff.train.sample_grid import class_layout, grid_image
 
 KEY_FIELDS = ('data.source', 'model.arch', 'model.model_channels', 'batch_size', 'total_steps')
 METRIC_ORDER = ('label', 'features', 'fid', 'fd', 'is', 'precision', 'recall', 'num_samples')
 SHARD_PREVIEW = 100        # images taken from the first shard when a sample folder has no grid.png
 EARLIER_GRIDS = 3          # training grids shown besides the latest
-MAX_CLASS_COLUMNS = 32     # beyond this many classes a grid is near-square (sorted by label), not one column each
 
 
 # ----------------------------------------------------------------------------------------------- HTML pieces
@@ -177,23 +176,6 @@ def training_grids_section(workdir: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- sample folders
-
-def class_layout(images: np.ndarray, labels: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
-    """(images, columns) for :func:`grid_image` with one column per class: row r holds each class's r-th image,
-    blank where a class has fewer. Unlabelled, single-class or many-class sets get a near-square grid (sorted by
-    label when labelled)."""
-    square = max(1, math.ceil(math.sqrt(len(images))))
-    if labels is None:
-        return images, square
-    classes = np.unique(labels)
-    if not 2 <= len(classes) <= MAX_CLASS_COLUMNS:
-        return images[np.argsort(labels, kind='stable')], square
-    members = [np.flatnonzero(labels == c) for c in classes]
-    out = np.zeros((max(len(m) for m in members), len(classes)) + images.shape[1:], images.dtype)
-    for column, index in enumerate(members):
-        out[:len(index), column] = images[index]
-    return out.reshape((-1,) + images.shape[1:]), len(classes)
-
 
 def shard_preview(shard_path: str, limit: int = SHARD_PREVIEW) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The first ``limit`` images (uint8 NHWC) and labels (or None) of a sample shard; raises ValueError on bad data."""

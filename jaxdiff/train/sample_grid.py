@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,8 @@ import numpy as np
 
 from jaxdiff import guidance, parallel, precond, solvers
 from jaxdiff.train.model import denoiser_fn
+
+MAX_CLASS_COLUMNS = 32  # beyond this many classes a grid is near-square (sorted by label), not one column each
 
 
 def sample_labels(num_images: int, label_dim: int):
@@ -68,6 +71,23 @@ def make_sampler(config, net, info, mesh, variables_shardings):
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats (N, H, W, C) -> uint8 (N, H, W, C)."""
     return np.clip(np.rint((np.asarray(images, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
+def class_layout(images: np.ndarray, labels: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
+    """(images, columns) for :func:`grid_image` with one column per class: row r holds each class's r-th image,
+    blank where a class has fewer. Unlabelled, single-class or many-class sets get a near-square grid (sorted by
+    label when labelled)."""
+    square = max(1, math.ceil(math.sqrt(len(images))))
+    if labels is None:
+        return images, square
+    classes = np.unique(labels)
+    if not 2 <= len(classes) <= MAX_CLASS_COLUMNS:
+        return images[np.argsort(labels, kind='stable')], square
+    members = [np.flatnonzero(labels == c) for c in classes]
+    out = np.zeros((max(len(m) for m in members), len(classes)) + images.shape[1:], images.dtype)
+    for column, index in enumerate(members):
+        out[:len(index), column] = images[index]
+    return out.reshape((-1,) + images.shape[1:]), len(classes)
 
 
 def grid_image(images: np.ndarray, columns: int, min_side: int = 32, gap: int = 2) -> np.ndarray:
