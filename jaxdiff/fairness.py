@@ -1,0 +1,180 @@
+"""Fair sampling by attribute switching (Choi et al., "Fair Sampling in Diffusion Models through Switching
+Mechanism", AAAI 2024) and the balanced error rate that measures it.
+
+A model conditioned on a binary sensitive attribute s is sampled with s = s0 while the noise level is high
+and with s = s1 once it is low. Coarse features are laid down by the s0 phase, the rest by the s1 phase;
+at the right transition point the sample carries as much of one attribute as of the other, so its
+attribute can no longer be predicted from the attribute it was started with.
+
+The transition point is stated as a noise level ``tau_sigma`` (not a step index), so the same transform
+works with every solver and grid; :func:`switch_sigma` converts a step index of a grid into one.
+
+Fairness (the paper's Definition 1): a data set (X, S) is epsilon-fair if every classifier f has
+BER(f(X), S) >= epsilon, with BER = (P(f = 0 | S = 1) + P(f = 1 | S = 0)) / 2; 0.5 is perfectly fair.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.denoiser import as_stateful, eps_from_x0, per_sample_sigma
+from jaxdiff.guidance import Transform, stateless
+
+
+def switch_sigma(sigmas, index) -> jax.Array:
+    """The tau_sigma that makes steps ``index, index + 1, ...`` of a grid use s1 and earlier ones s0.
+
+    sigmas: (N+1,) decreasing grid; index: int in [0, N] (traced or not).
+    Returns () float32: +inf for index 0 (s1 throughout), else the geometric mean of sigmas[index - 1] and
+    sigmas[index]. A value strictly between two grid points (rather than sigmas[index] itself) keeps the
+    assignment unambiguous under float32 rounding; Heun's second evaluation of step index - 1 (at
+    sigmas[index]) then also uses s1, consistently with its step's end point. EDM churn evaluates at a
+    raised sigma_hat > sigma_i, which can cross the threshold; pick the threshold with that in mind.
+    """
+    sig = jnp.asarray(sigmas, jnp.float32)
+    ext = jnp.concatenate([jnp.full((1,), jnp.inf, jnp.float32), sig])
+    index = jnp.asarray(index, jnp.int32)
+    return jnp.sqrt(ext[index] * ext[index + 1])
+
+
+def _select(first: jax.Array, a, b):
+    """Per-sample choice between two condition pytrees: a where ``first`` (() or (B,) bool), else b.
+
+    Leaves without a batch axis (or with a leading axis of 1) are broadcast, so one condition can serve
+    the whole batch.
+    """
+
+    def pick(u, v):
+        u, v = jnp.asarray(u), jnp.asarray(v)
+        trailing = max(u.ndim, v.ndim, 1) - 1
+        mask = first.reshape(first.shape + (1,) * trailing) if first.ndim else first
+        return jnp.where(mask, u, v)
+
+    return jax.tree.map(pick, a, b)
+
+
+def attribute_switch(s0: Any, s1: Any, tau_sigma) -> Transform:
+    """Attribute switching: condition on s0 while sigma > tau_sigma, on s1 once sigma <= tau_sigma.
+
+    s0, s1: conditions with the inner denoiser's cond structure (e.g. (B, num_classes) one-hot rows, or
+        (1, num_classes) rows broadcast to the batch). They *replace* the cond the transformed denoiser is
+        called with, so they must carry everything else the model is conditioned on (content class,
+        prompt) too; per-sample rows let each sample have its own pair.
+    tau_sigma: the transition noise level, () (a Python float or traced scalar); see :func:`switch_sigma`.
+    A call with cond None passes None through unchanged: CFG's unconditional branch stays unconditional,
+    so ``chain(attribute_switch(...), cfg(w))`` (switch inside CFG) and ``chain(cfg(w),
+    attribute_switch(...))`` (switch outside) give the same guided denoiser for any non-None cond.
+    Shapes: x (B, ...), sigma () or (B,) (compared per sample); one inner evaluation per call.
+    """
+
+    def combine(call, x, sigma, cond):
+        if cond is None:
+            return call(x, sigma, None)
+        # jnp.where rather than lax.cond: the choice is per sample and the inner model runs once either way.
+        return call(x, sigma, _select(jnp.asarray(sigma) > tau_sigma, s0, s1))
+
+    return stateless(combine)
+
+
+def ddpm_betas(sigmas, sigma_data: float = 1.0) -> np.ndarray:
+    """DDPM's beta of each step of an EDM grid, (N,) float64 from sigmas (N+1,).
+
+    With data scaled to unit variance (x / sigma_data), the VP process has alpha_bar = sigma_data^2 /
+    (sigma_data^2 + sigma^2), and a DDPM step from alpha_bar_t to alpha_bar_{t-1} has beta_t =
+    1 - alpha_bar_t / alpha_bar_{t-1}. Step i goes from sigma_i to sigma_{i+1}, so
+    beta_i = (sigma_i^2 - sigma_{i+1}^2) / (sigma_data^2 + sigma_i^2). sigma_data = 1 is the DDPM embedding
+    the library's DDIM/DDPM samplers use (x_vp = x / sqrt(1 + sigma^2)).
+    """
+    sig = np.asarray(sigmas, np.float64)
+    return (sig[:-1] ** 2 - sig[1:] ** 2) / (sigma_data ** 2 + sig[:-1] ** 2)
+
+
+class TauSearch(NamedTuple):
+    """Result of :func:`tau_search`.
+
+    index: () int32 minimiser of the curve, in [0, N] (steps index.. use s1).
+    sigma: () float32 the matching tau_sigma (:func:`switch_sigma`), to hand to :func:`attribute_switch`.
+    curve: (N+1,) float32 D(tau) for every tau.
+    """
+
+    index: jax.Array
+    sigma: jax.Array
+    curve: jax.Array
+
+
+def tau_search(denoiser, latents, sigmas, s0, s1, *, sigma_data: float = 1.0) -> TauSearch:
+    """The paper's transition-point criterion D(tau), evaluated on an EDM sigma grid.
+
+    Two deterministic chains start from the same x_T = latents * sigmas[0]: chain k runs Euler steps of
+    the PF-ODE (deterministic DDIM) with condition s_k throughout. Per step i (sigma_i -> sigma_{i+1})
+
+        d_i = beta_i * (eps(x_i^0, s0) - eps(x_i^1, s1)),          eps = (x - D(x, sigma_i, s)) / sigma_i,
+
+    with beta_i from :func:`ddpm_betas`. This is the paper's d_t = beta_t (eps(x_t^0, 0) - eps(x_t^1, 1)) with
+    DDPM's timestep t replaced by the grid step whose noise levels define the same alpha_bar ratio; eps
+    is the same quantity in DDPM's scaled and EDM's unscaled variables. Then, for tau in [0, N],
+
+        D(tau) = mean_b || sum_{i < tau} d_i - sum_{i >= tau} d_i ||
+
+    (steps i < tau are the high-noise s0 phase). Returns the argmin as a step index and as tau_sigma.
+
+    denoiser: plain or stateful (each chain carries its own state); latents (B, ...) N(0, I);
+    sigmas (N+1,) decreasing grid (the last level is never evaluated, so it may be 0);
+    s0, s1: conditions as in :func:`attribute_switch`. Cost: 2N denoiser evaluations.
+    """
+    sig = np.asarray(sigmas, np.float64)
+    if sig.ndim != 1 or sig.shape[0] < 2 or np.any(np.diff(sig) >= 0):
+        raise ValueError(f"tau_search: sigmas must be a decreasing 1-D grid with >= 2 entries, got {sig}")
+    sd = as_stateful(denoiser)
+    x = jnp.asarray(latents, jnp.float32) * float(sig[0])
+    xs = dict(sigma=jnp.asarray(sig[:-1], jnp.float32), h=jnp.asarray(np.diff(sig), jnp.float32),
+              beta=jnp.asarray(ddpm_betas(sig, sigma_data), jnp.float32))
+
+    def step(carry, s):
+        (x0, st0), (x1, st1) = carry
+        sigma = per_sample_sigma(s["sigma"], x)
+        d0, st0 = sd.apply(x0, sigma, s0, st0)
+        d1, st1 = sd.apply(x1, sigma, s1, st1)
+        e0, e1 = eps_from_x0(x0, d0, sigma), eps_from_x0(x1, d1, sigma)
+        return ((x0 + s["h"] * e0, st0), (x1 + s["h"] * e1, st1)), s["beta"] * (e0 - e1)
+
+    _, d = jax.lax.scan(step, ((x, sd.init(x)), (x, sd.init(x))), xs)
+    curve = _switch_curve(d)
+    index = jnp.argmin(curve).astype(jnp.int32)
+    return TauSearch(index, switch_sigma(sig, index), curve)
+
+
+def _switch_curve(d: jax.Array) -> jax.Array:
+    """D(tau) for tau = 0..N from per-step increments d (N, B, ...): (N+1,).
+
+    sum_{i<tau} d_i - sum_{i>=tau} d_i = 2 P_tau - P_N with the prefix sums P_tau = sum_{i<tau} d_i.
+    """
+    prefix = jnp.concatenate([jnp.zeros_like(d[:1]), jnp.cumsum(d, axis=0)])
+    diff = 2 * prefix - prefix[-1]
+    norms = jnp.sqrt(jnp.sum(diff ** 2, axis=tuple(range(2, diff.ndim))))
+    return jnp.mean(norms, axis=1)
+
+
+def balanced_error_rate(predictions, attributes) -> jax.Array:
+    """BER(f(X), S) = (P(f = 0 | S = 1) + P(f = 1 | S = 0)) / 2 = (FNR + FPR) / 2.
+
+    predictions: (N,) binary predictions f(X) of the sensitive attribute (bool or {0, 1});
+    attributes:  (N,) the true binary attribute S.
+    Returns () float32 in [0, 1]: 0.5 means f carries no information about S (the fair ideal), 0 or 1 that
+    f determines S. NaN when one attribute value is absent (a rate conditioned on an empty group).
+    """
+    f = jnp.asarray(predictions).astype(bool)
+    s = jnp.asarray(attributes).astype(bool)
+    if f.shape != s.shape or f.ndim != 1:
+        raise ValueError(f"predictions and attributes must both be (N,), got {f.shape} and {s.shape}")
+    fnr = jnp.sum(~f & s) / jnp.sum(s)
+    fpr = jnp.sum(f & ~s) / jnp.sum(~s)
+    return (0.5 * (fnr + fpr)).astype(jnp.float32)
+
+
+def attribute_rate(predictions) -> jax.Array:
+    """Fraction of samples predicted to have attribute 1: predictions (N,) binary -> () float32."""
+    return jnp.mean(jnp.asarray(predictions).astype(jnp.float32))
