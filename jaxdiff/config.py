@@ -15,6 +15,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
     """All training fields with defaults (EDM's CIFAR-10 DDPM++ recipe where the field has one)."""
     c = ml_collections.ConfigDict()
+    c.task = 'denoiser'             # denoiser | noisy_classifier (p(y | x_sigma, sigma) for classifier guidance)
     c.seed = 0                      # PRNG seed for init, data order, noise and sampling
     c.batch_size = 512              # global batch size (all hosts and devices together)
     c.total_steps = 390_625         # optimizer steps to train (200 Mimg at batch 512)
@@ -51,6 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.P_mean = -1.2            # EDM: mean of ln(sigma)
     c.loss.P_std = 1.2              # EDM: std of ln(sigma)
     c.loss.augment_p = 0.12         # EDM non-leaky augmentation probability (0 = off)
+    c.loss.sigma_min = 0.002        # noisy_classifier: lowest training sigma (ln sigma uniform; EDM sampler's min)
+    c.loss.sigma_max = 80.0         # noisy_classifier: highest training sigma (EDM sampler's max)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3               # Adam learning rate after ramp-up

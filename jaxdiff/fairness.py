@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import toy
 from jaxdiff.denoiser import as_stateful, eps_from_x0, per_sample_sigma
 from jaxdiff.guidance import Transform, stateless
 
@@ -121,6 +122,14 @@ def tau_search(denoiser, latents, sigmas, s0, s1, *, sigma_data: float = 1.0) ->
 
     (steps i < tau are the high-noise s0 phase). Returns the argmin as a step index and as tau_sigma.
 
+    The paper's sums run over DDPM's t (t < tau is the low-noise side); here i < tau is the high-noise side.
+    The norm is symmetric in the two sums, so the curves agree. Its Theorem 2 weighs the *score* difference
+    by g^2 = beta, i.e. beta_t / sqrt(1 - alpha_bar_t) times the eps difference; the algorithm drops
+    1 / sqrt(1 - alpha_bar_t), and this follows the algorithm. Neither is exact: on 2-D mirror mixtures
+    (:func:`mirror_mixture`, four separations) both minimisers fall in the mixing phase, but switching at
+    the algorithm's gives a rate of 0.51-0.87 for the fair 0.5 (too early), at the theorem's 0.33-0.76. The
+    minimiser is a first guess for the fair point, which a measured rate settles.
+
     denoiser: plain or stateful (each chain carries its own state); latents (B, ...) N(0, I);
     sigmas (N+1,) decreasing grid (the last level is never evaluated, so it may be 0);
     s0, s1: conditions as in :func:`attribute_switch`. Cost: 2N denoiser evaluations.
@@ -156,6 +165,31 @@ def _switch_curve(d: jax.Array) -> jax.Array:
     diff = 2 * prefix - prefix[-1]
     norms = jnp.sqrt(jnp.sum(diff ** 2, axis=tuple(range(2, diff.ndim))))
     return jnp.mean(norms, axis=1)
+
+
+def mirror_mixture(p_s1: float = 0.75, p_a_given_s1: float = 0.95) -> toy.GaussianMixture:
+    """A 2-D mixture with a binary sensitive attribute s (the condition: one-hot over s, zero row = s-blind).
+
+    Two regions mirror each other, A at (+2, 0) and B at (-2, 0) (std 0.5); a sample shows attribute 1 when
+    it lands in A (:func:`mirror_attribute`). s only shifts the region weights, p(A | s=1) = p(B | s=0) =
+    p_a_given_s1, and the data are biased, p(s=1) = p_s1, so the s-blind model lands in A with probability
+    p_s1 p_a_given_s1 + (1 - p_s1)(1 - p_a_given_s1) (0.725 by default). Both attributes share the same
+    components, so the condition only matters while the region is undecided (mid noise levels), as in an
+    image model whose late steps no longer change the attribute: switching 0 -> 1 at tau moves the rate of A
+    continuously from 1 - p_a_given_s1 (tau -> 0) to p_a_given_s1 (tau -> inf).
+    Components (4,): A|s=1, A|s=0, B|s=1, B|s=0 with labels [1, 0, 1, 0].
+    """
+    q, p = float(p_s1), float(p_a_given_s1)
+    return toy.mixture(np.array([[2.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [-2.0, 0.0]]), 0.5,
+                       [q * p, (1 - q) * (1 - p), q * (1 - p), (1 - q) * p], labels=[1, 0, 1, 0], num_classes=2)
+
+
+def mirror_attribute(x) -> jax.Array:
+    """The attribute a :func:`mirror_mixture` sample shows: x (B, 2) -> (B,) bool, True in region A (x_0 > 0).
+
+    This is the Bayes classifier of the mirror pair, so no trained classifier is needed to measure it.
+    """
+    return jnp.asarray(x)[:, 0] > 0
 
 
 def balanced_error_rate(predictions, attributes) -> jax.Array:

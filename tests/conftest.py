@@ -38,3 +38,32 @@ def run_together(commands, env, cwd, timeout=240):
             if p.poll() is None:
                 p.kill()
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+def make_tiny_run(workdir: str, ema_offset: float = 0.0, step: int = 0) -> str:
+    """A train.py-style run directory with one checkpoint of tests/train_tiny_config.py's random-init conditional
+    net on digits (no training): config.json, dataset_info.json, checkpoints/<step>/. ``ema_offset`` is added to
+    every EMA param so EMA and raw params differ."""
+    import jax
+    import numpy as np
+    from jaxdiff.config import from_file
+    from jaxdiff.data.sources import DatasetInfo
+    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.train.model import build_net
+    from jaxdiff.train.state import init_state
+    config = from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_tiny_config.py'))
+    info = DatasetInfo(resolution=8, channels=1, num_classes=10, size=1797)
+    state = init_state(config, build_net(config, info), info, jax.random.key(0))
+    state = state.replace(ema=jax.tree.map(lambda p: p + ema_offset, state.params), step=np.int32(step))
+    ckpt.check_config(workdir, config, False)
+    ckpt.write_dataset_info(workdir, info)
+    checkpointer = ckpt.Checkpointer(workdir, 2, use_async=False)
+    checkpointer.save(state, {'process_count': 1, 'states': [{}]}, config)
+    checkpointer.close()
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+    """A tiny run directory (:func:`make_tiny_run`), shared by a test module."""
+    return make_tiny_run(str(tmp_path_factory.mktemp('run')))

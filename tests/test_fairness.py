@@ -1,14 +1,7 @@
 """Attribute switching, the tau criterion and the balanced error rate, on an exact 2-D mixture.
 
-The toy (``GM``): a binary sensitive attribute s is what the model is conditioned on (one-hot cond over
-s; a zero row is the attribute-blind base model). Two regions mirror each other, A at (+2, 0) and B at
-(-2, 0); the attribute is *read off* a sample by the region it lands in (the Bayes classifier sign(x_0)),
-but s only shifts the region weights: p(A | s=1) = p(B | s=0) = 0.95, and the data are biased,
-p(s=1) = 0.75, so the base model puts ~72% of its samples in A. Because both attributes share the same
-components, conditioning only matters while the region is still undecided (mid noise levels); at low noise
-the likelihood wins, as in an image model whose late steps no longer change the attribute. That is what
-gives switching something to do: the rate of A after switching 0 -> 1 at tau moves continuously from 0.05
-(tau -> 0) to 0.95 (tau -> inf).
+The toy is :func:`jaxdiff.fairness.mirror_mixture` (biased base rate 0.725 of attribute 1, read off by
+the Bayes classifier :func:`jaxdiff.fairness.mirror_attribute`).
 """
 import jax
 import jax.numpy as jnp
@@ -20,11 +13,8 @@ from jaxdiff import guidance as G
 from jaxdiff import schedules, toy
 from jaxdiff.solvers import ddim_sampler, dpm_solver_pp_2m_sampler, euler_sampler, heun_sampler
 
-P_S1, P_A_GIVEN_S1 = 0.75, 0.95
-GM = toy.mixture(np.array([[2.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [-2.0, 0.0]]), 0.5,
-                 [P_S1 * P_A_GIVEN_S1, (1 - P_S1) * (1 - P_A_GIVEN_S1),
-                  P_S1 * (1 - P_A_GIVEN_S1), (1 - P_S1) * P_A_GIVEN_S1],
-                 labels=[1, 0, 1, 0], num_classes=2)
+P_S1 = 0.75
+GM = F.mirror_mixture(P_S1)
 D = toy.denoiser(GM)
 SIGMAS = schedules.karras_sigmas(24)
 B = 4000
@@ -34,10 +24,7 @@ def onehot(s, batch=B):
     return jnp.broadcast_to(jax.nn.one_hot(jnp.asarray(s), 2), (batch, 2))
 
 
-def looks_like(x):
-    """The attribute a sample shows: 1 in region A (x_0 > 0), the Bayes classifier of the mirror pair."""
-    return x[:, 0] > 0
-
+looks_like = F.mirror_attribute
 
 FINE = schedules.karras_sigmas(128)  # fine enough that one step moves the switched rate by only ~0.04
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import free_port, run_together
+from conftest import free_port, make_tiny_run, run_together
 from jaxdiff import toy
 from jaxdiff.sampling import filter as sfilter
 from jaxdiff.sampling import generate as gen
@@ -20,29 +20,13 @@ from jaxdiff.sampling.model import Model, load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-TINY = os.path.join(HERE, 'train_tiny_config.py')
 FAST = ['--num_steps=3']
 
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-    """A train.py-style run directory holding one checkpoint of the tiny conditional net (no training needed)."""
-    from jaxdiff.config import from_file
-    from jaxdiff.data.sources import DatasetInfo
-    from jaxdiff.train import checkpoint as ckpt
-    from jaxdiff.train.model import build_net
-    from jaxdiff.train.state import init_state
-    workdir = str(tmp_path_factory.mktemp('run'))
-    config = from_file(TINY)
-    info = DatasetInfo(resolution=8, channels=1, num_classes=10, size=1797)
-    state = init_state(config, build_net(config, info), info, jax.random.key(0))
-    state = state.replace(ema=jax.tree.map(lambda p: p + 0.01, state.params), step=np.int32(7))
-    ckpt.check_config(workdir, config, False)
-    ckpt.write_dataset_info(workdir, info)
-    checkpointer = ckpt.Checkpointer(workdir, 2, use_async=False)
-    checkpointer.save(state, {'process_count': 1, 'states': [{}]}, config)
-    checkpointer.close()
-    return workdir
+    """The tiny run directory with EMA != raw params and step 7."""
+    return make_tiny_run(str(tmp_path_factory.mktemp('run')), ema_offset=0.01, step=7)
 
 
 def sample_cli(env, *args, timeout=240, **kwargs):

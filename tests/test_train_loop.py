@@ -193,3 +193,17 @@ def test_stop_signal_flag():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested()
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None) or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_fields_added_later_at_their_default_are_not_a_config_change(tmp_path):
+    """A run whose config.json predates a new field resumes when the field holds its default; a non-default
+    value is still a change that needs --allow_config_change."""
+    config = tiny()
+    ckpt.check_config(str(tmp_path), config, False)
+    saved = json.load(open(tmp_path / 'config.json'))
+    del saved['task'], saved['loss']['sigma_min']  # as written before these fields existed
+    (tmp_path / 'config.json').write_text(json.dumps(saved))
+    ckpt.check_config(str(tmp_path), config, False)
+    config = tiny(**{'loss.sigma_min': 0.01})
+    with pytest.raises(ckpt.ConfigMismatchError, match='loss.sigma_min'):
+        ckpt.check_config(str(tmp_path), config, False)

@@ -155,6 +155,9 @@ class FeatureNet(NamedTuple):
     num_classes: int
     accuracy: float  # on the held-out split
     apply: Callable[[jax.Array], dict]
+    # the same network on float images (B, resolution, resolution, channels) in [-1, 1], differentiable (for
+    # gradients of p(class | x0) in guidance and safety methods); native resolution only
+    apply_float: Callable[[jax.Array], dict]
 
 
 def make_feature_net(name: str, variables, accuracy: float = float('nan')) -> FeatureNet:
@@ -162,8 +165,9 @@ def make_feature_net(name: str, variables, accuracy: float = float('nan')) -> Fe
     spec = _spec(name)
     apply = functools.partial(_forward, variables, module=_module(spec), resolution=spec.resolution,
                               channels=spec.channels)
+    module = _module(spec)
     return FeatureNet(name=name, resolution=spec.resolution, channels=spec.channels, num_classes=spec.num_classes,
-                      accuracy=float(accuracy), apply=apply)
+                      accuracy=float(accuracy), apply=apply, apply_float=lambda x: module.apply(variables, x))
 
 
 def _accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray) -> float:

@@ -1,8 +1,8 @@
 """What sample.py samples from: a train.py run directory or a converted EDM checkpoint, as one ``Model``.
 
-- A run directory (``config.json`` + ``checkpoints/``): the net is rebuilt from the saved config and
-  ``dataset_info.json`` (written by train.py; older runs fall back to reading the dataset once); the variables are
-  the EMA (or raw) params of the newest checkpoint that verifies, or of ``step``.
+- A run directory (``config.json`` + ``checkpoints/``; :func:`load_run` reads one of any task): the net is
+  rebuilt from the saved config and ``dataset_info.json`` (written by train.py; older runs fall back to reading the
+  dataset once); the variables are the EMA (or raw) params of the newest checkpoint that verifies, or of ``step``.
 - A folder written by ``python -m jaxdiff.nets.convert`` (``net_config.json`` + ``variables/``): the net and the
   reference preconditioning (EDMPrecond, VPPrecond, VEPrecond, iDDPMPrecond) with the pickle's constants.
 
@@ -57,11 +57,26 @@ def load_model(path: str, *, use_ema: bool = True, step: Optional[int] = None) -
     return _run(path, use_ema, step)
 
 
-def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
-    from jaxdiff.train import checkpoint as ckpt
-    from jaxdiff.train.model import build_net, denoiser_fn
-    from jaxdiff.train.sample_grid import sigma_range
+class RunWeights(NamedTuple):
+    """A train.py run directory's saved config, dataset info, rebuilt net and chosen variables."""
+    config: ml_collections.ConfigDict
+    info: Any
+    net: Any
+    variables: dict
+    step: int
 
+
+def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None) -> RunWeights:
+    """config.json + dataset_info.json + a checkpoint of a train.py run -> RunWeights (any task).
+
+    use_ema: the EMA params (else the raw params); step: a checkpoint step (None = the newest usable one).
+    Raises FileNotFoundError / CheckpointError with one-line messages.
+    """
+    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.train.model import build_net
+
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
     config = ml_collections.ConfigDict(ckpt.read_config(workdir))
     info = _dataset_info(workdir, config)
     net = build_net(config, info)
@@ -71,10 +86,22 @@ def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
     variables = {'params': state['ema'] if use_ema else state['params']}
     if state.get('buffers'):
         variables['buffers'] = state['buffers']
-    description = dict(kind='train_run', path=os.path.abspath(workdir), step=int(state['step']),
+    return RunWeights(config=config, info=info, net=net, variables=variables, step=int(state['step']))
+
+
+def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
+    from jaxdiff.train.model import denoiser_fn, is_classifier
+    from jaxdiff.train.sample_grid import sigma_range
+
+    run = load_run(workdir, use_ema=use_ema, step=step)
+    config, net = run.config, run.net
+    if is_classifier(config):
+        raise ValueError(f'{workdir} is a noisy classifier run, not a denoiser; use it for guidance through '
+                         'jaxdiff.classifier_guidance.noisy_classifier_log_prob')
+    description = dict(kind='train_run', path=os.path.abspath(workdir), step=run.step,
                        params='ema' if use_ema else 'raw', arch=config.model.arch, precond=config.model.precond)
-    return Model(net=net, variables=variables, denoiser=lambda v: denoiser_fn(config, net, v),
-                 resolution=info.resolution, channels=info.channels, label_dim=net.label_dim,
+    return Model(net=net, variables=run.variables, denoiser=lambda v: denoiser_fn(config, net, v),
+                 resolution=run.info.resolution, channels=run.info.channels, label_dim=net.label_dim,
                  sigma_range=sigma_range(config), description=description)
 
 

@@ -83,11 +83,20 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k, '<absent>') != b.get(k, '<absent>'))
 
 
+def _added_at_default(key: str, old: dict, new: dict) -> bool:
+    """A field the library added after the run started, at its default: the run's meaning is unchanged."""
+    from jaxdiff.config import base_config
+    defaults = _flatten(config_dict(base_config()))
+    return key not in _flatten(old) and key in defaults and _flatten(new).get(key) == defaults[key]
+
+
 def check_config(workdir: str, config, allow_change: bool, *, write: bool = True) -> None:
     """Refuse a workdir whose config.json differs from ``config`` (unless ``allow_change``), then write it.
 
     With ``allow_change`` the previous config.json is kept as ``config.<unix time>.json`` (nothing is lost).
-    Raises ConfigMismatchError (one line naming the differing keys). ``write=False``: check only (other hosts).
+    Fields missing from the old config.json that the new config holds at their library default (fields added
+    to jaxdiff since the run started) are not a difference. Raises ConfigMismatchError (one line naming the
+    differing keys). ``write=False``: check only (other hosts).
     """
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_dict(config)
@@ -97,7 +106,7 @@ def check_config(workdir: str, config, allow_change: bool, *, write: bool = True
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigMismatchError(f'{path} is unreadable ({e}); restore it or use a new --workdir') from e
-        diff = config_diff(old, new)
+        diff = [k for k in config_diff(old, new) if not _added_at_default(k, old, new)]
         if not diff:
             return
         if not allow_change:

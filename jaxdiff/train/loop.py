@@ -65,7 +65,9 @@ class StopSignal:
 
 
 def check_config(config) -> None:
-    """One clear error for values no run can use."""
+    """One clear error for values no run can use (and task settings that contradict each other)."""
+    from jaxdiff.train.model import check_task
+    check_task(config)
     for name in ('batch_size', 'total_steps', 'checkpoint_every', 'log_every', 'keep_checkpoints'):
         if int(config[name]) <= 0:
             raise ValueError(f'config.{name}={config[name]} must be positive')
@@ -154,7 +156,9 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
         ckpt.write_dataset_info(workdir, info)
 
     logger = metrics_log.MetricsLogger(workdir, config.total_steps, config.batch_size, enabled=primary)
-    logger.info(f'{type(net).__name__} ({config.model.arch}) on {config.data.source} {info.resolution}x'
+    from jaxdiff.train.model import is_classifier
+    arch = '' if is_classifier(config) else f' ({config.model.arch})'  # the classifier does not read model.arch
+    logger.info(f'{type(net).__name__}{arch} on {config.data.source} {info.resolution}x'
                 f'{info.resolution}x{info.channels}, {info.num_classes} classes, {info.size} examples; '
                 f'{jax.device_count()} device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}')
     logger.info(metrics_log.parameter_overview(state.params))

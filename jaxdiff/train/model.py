@@ -1,4 +1,5 @@
-"""Config -> network and network -> denoiser: EDM's architecture presets (train.py's ddpmpp / ncsnpp / adm).
+"""Config -> network and network -> denoiser: EDM's architecture presets (train.py's ddpmpp / ncsnpp / adm), or
+the noise-conditional classifier when ``config.task == 'noisy_classifier'``.
 
 Only the preset-specific options are fixed here; sizes (model_channels, channel_mult, ...) and regularisation
 (dropout, label_dropout) come from ``config.model``. label_dim is the class count when ``config.data.use_labels``,
@@ -15,6 +16,7 @@ from jaxdiff import precond
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.nets import DhariwalUNet, SongUNet
 from jaxdiff.nets.mlp import MLP
+from jaxdiff.nets.noisy_classifier import NoisyClassifier
 
 AUGMENT_DIM = 9
 PRESETS = {
@@ -27,6 +29,39 @@ PRESETS = {
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PRECONDS = {'edm': precond.edm, 'vp': precond.vp, 've': precond.ve}
+TASKS = ('denoiser', 'noisy_classifier')
+
+
+def is_classifier(config) -> bool:
+    """Whether ``config`` trains the noise-conditional classifier (run dirs older than ``task`` are denoisers)."""
+    return config.get('task', 'denoiser') == 'noisy_classifier'
+
+
+def check_task(config) -> None:
+    """One clear error for a ``task`` no run can use, or classifier settings that contradict each other.
+
+    The classifier predicts the label, so it needs labels (use_labels) and never drops them (label_dropout 0);
+    augmentation would need its labels fed to the net (augment_p 0); it generates nothing (sample_every 0).
+    """
+    task = config.get('task', 'denoiser')
+    if task not in TASKS:
+        raise ValueError(f'config.task={task!r} is not supported: use one of {list(TASKS)}')
+    if task != 'noisy_classifier':
+        return
+    rules = [(config.data.use_labels, 'config.data.use_labels=False: a noisy classifier learns the class labels; '
+                                      'set --config.data.use_labels=True on a labelled dataset'),
+             (config.model.label_dropout == 0, f'config.model.label_dropout={config.model.label_dropout} must be 0 '
+                                               'for task=noisy_classifier (the labels are its targets)'),
+             (config.loss.augment_p == 0, f'config.loss.augment_p={config.loss.augment_p} must be 0 for '
+                                          'task=noisy_classifier (no augmentation labels are fed to it)'),
+             (config.sample_every == 0, f'config.sample_every={config.sample_every} must be 0 for '
+                                        'task=noisy_classifier (a classifier has no samples to draw)'),
+             (0 < config.loss.sigma_min < config.loss.sigma_max,
+              f'config.loss.sigma_min={config.loss.sigma_min}, sigma_max={config.loss.sigma_max}: need '
+              '0 < sigma_min < sigma_max')]
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
 
 
 def _choice(name: str, value: str, table: dict) -> Any:
@@ -37,13 +72,24 @@ def _choice(name: str, value: str, table: dict) -> Any:
 
 
 def build_net(config, info) -> nn.Module:
-    """The denoiser network for ``config.model`` on data described by ``info`` (resolution, channels, num_classes).
+    """The network for ``config.model`` on data described by ``info`` (resolution, channels, num_classes).
 
-    Returns a SongUNet (ddpmpp, ncsnpp), DhariwalUNet (adm) or MLP (mlp, for 2-D points stored as (1, 1, 2)
-    images) taking x (B, res, res, channels) and returning the same shape; float32 params, compute in
-    ``config.model.dtype``.
+    task=noisy_classifier: a NoisyClassifier x (B, res, res, channels), noise_labels (B,) -> logits
+    (B, num_classes) (sizes, dropout and dtype from ``config.model``; ``arch`` is not read). Otherwise returns a
+    SongUNet (ddpmpp, ncsnpp), DhariwalUNet (adm) or MLP (mlp, for 2-D points stored as (1, 1, 2) images) taking
+    x (B, res, res, channels) and returning the same shape; float32 params, compute in ``config.model.dtype``.
     """
     m = config.model
+    if is_classifier(config):
+        check_task(config)
+        if info.num_classes < 2:
+            raise ValueError(f'data.source={config.data.source!r} has {info.num_classes} classes: a noisy classifier '
+                             'needs a labelled dataset with at least 2 classes')
+        return NoisyClassifier(img_resolution=info.resolution, in_channels=info.channels,
+                               num_classes=info.num_classes, model_channels=m.model_channels,
+                               channel_mult=tuple(m.channel_mult), channel_mult_emb=m.channel_mult_emb,
+                               num_blocks=m.num_blocks, attn_resolutions=tuple(m.attn_resolutions),
+                               dropout=m.dropout, dtype=_choice('dtype', m.dtype, DTYPES))
     preset = _choice('arch', m.arch, PRESETS)
     base = dict(img_resolution=info.resolution, in_channels=info.channels, out_channels=info.channels,
                 label_dim=info.num_classes if config.data.use_labels else 0, model_channels=m.model_channels,

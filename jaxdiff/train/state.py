@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxdiff.train.model import is_classifier
 from jaxdiff.train.optimizer import make_optimizer
 
 
@@ -37,10 +38,18 @@ def dummy_inputs(net: nn.Module, info) -> tuple:
     return x, jnp.zeros((1,), jnp.float32), labels, augment
 
 
+def init_variables(config, net: nn.Module, info, key: jax.Array) -> dict:
+    """net.init on batch-1 zero inputs: (x, noise_labels) for the noisy classifier, :func:`dummy_inputs` else."""
+    if is_classifier(config):
+        x = jnp.zeros((1, info.resolution, info.resolution, info.channels), jnp.float32)
+        return net.init({'params': key}, x, jnp.zeros((1,), jnp.float32))
+    x, noise, labels, augment = dummy_inputs(net, info)
+    return net.init({'params': key}, x, noise, labels, augment_labels=augment)
+
+
 def init_state(config, net: nn.Module, info, key: jax.Array) -> TrainState:
     """Fresh state: params (and buffers) from net.init with ``key``, ema = params, Adam state, step 0."""
-    x, noise, labels, augment = dummy_inputs(net, info)
-    variables = jax.jit(lambda k: net.init({'params': k}, x, noise, labels, augment_labels=augment))(key)
+    variables = jax.jit(lambda k: init_variables(config, net, info, k))(key)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
                       opt_state=make_optimizer(config).init(params), buffers=variables.get('buffers', {}),

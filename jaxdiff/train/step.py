@@ -1,4 +1,5 @@
-"""The sharded training step: EDM loss, Adam with lr ramp-up, non-finite gradient guard, EMA; one jax.jit.
+"""The sharded training step: EDM loss (or the noisy classifier's cross-entropy), Adam with lr ramp-up,
+non-finite gradient guard, EMA; one jax.jit.
 
 Loss normalisation is EDM's (``loss.sum() * loss_scaling / batch_gpu_total`` summed over GPUs): the per-element
 weighted error is summed over (H, W, C) and averaged over the global batch, so EDM's lr (1e-3 for CIFAR-10)
@@ -6,6 +7,11 @@ means the same here. Randomness of step ``state.step``: ``fold_in(key, step)`` s
 (also label dropout) / augment keys (:func:`step_keys`); random draws are made for the global batch, so results do
 not depend on the mesh. Non-finite gradient elements become 0 / +-1e5 as in the reference, and the step is counted
 in ``state.nonfinite``.
+
+task=noisy_classifier (:func:`classifier_loss`): softmax cross-entropy of the label on x + sigma n, with ln(sigma)
+uniform over [loss.sigma_min, loss.sigma_max] (0.002..80, the EDM sampler's range). Dhariwal & Nichol draw t
+uniformly; a uniform ln(sigma) is the analogue that gives every decade of noise the sampler visits the same
+weight, not just the denoiser's P_mean/P_std band: guidance queries the classifier at every sampler step.
 """
 from __future__ import annotations
 
@@ -21,7 +27,8 @@ from jax.sharding import Mesh
 
 from jaxdiff import losses, parallel
 from jaxdiff.train.ema import ema_beta, ema_update
-from jaxdiff.train.model import denoiser_fn
+from jaxdiff.nets.noisy_classifier import noisy_logits
+from jaxdiff.train.model import denoiser_fn, is_classifier
 from jaxdiff.train.optimizer import learning_rate, make_optimizer
 from jaxdiff.train.state import TrainState, init_state
 
@@ -66,6 +73,26 @@ def batch_loss(config, net: nn.Module, variables: dict, batch: dict, keys: dict)
     return error.reshape(error.shape[0], -1).sum(axis=1).mean()
 
 
+def log_uniform_sigma(key: jax.Array, batch: int, sigma_min: float, sigma_max: float) -> jax.Array:
+    """(batch,) float32 noise levels with ln(sigma) uniform over [ln sigma_min, ln sigma_max]."""
+    log_sigma = jax.random.uniform(key, (batch,), jnp.float32, jnp.log(sigma_min), jnp.log(sigma_max))
+    return jnp.exp(log_sigma)
+
+
+def classifier_loss(config, net: nn.Module, variables: dict, batch: dict, keys: dict) -> jax.Array:
+    """Noisy classifier loss (): mean softmax cross-entropy of batch['label'] (B,) on x + sigma n.
+
+    batch: image float32 (B, H, W, C) in [-1, 1], label int32 (B,); sigma per :func:`log_uniform_sigma` over
+    config.loss.sigma_min..sigma_max; the net sees EDM-preconditioned inputs (``noisy_logits``).
+    """
+    images = batch['image'].astype(jnp.float32)
+    sigma = log_uniform_sigma(keys['sigma'], images.shape[0], config.loss.sigma_min, config.loss.sigma_max)
+    noisy = images + sigma[:, None, None, None] * jax.random.normal(keys['noise'], images.shape, jnp.float32)
+    logits = noisy_logits(net, variables, noisy, sigma, sigma_data=config.model.sigma_data, train=True,
+                          rngs={'dropout': keys['dropout']})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+
+
 def neutralise(grads):
     """(grads with NaN -> 0, +inf -> 1e5, -inf -> -1e5, int32 () 1 if any element was non-finite else 0)."""
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
@@ -77,8 +104,8 @@ def train_step(config, net: nn.Module, state: TrainState, batch: dict, key: jax.
     """One optimizer step (unjitted): returns the new state and scalar metrics
     {loss, grad_norm (of the applied, neutralised grads), lr, nonfinite (this step, 0/1), ema_beta}."""
     keys = step_keys(key, state.step)
-    loss, grads = jax.value_and_grad(lambda p: batch_loss(config, net, state.variables(p), batch, keys))(
-        state.params)
+    loss_fn = classifier_loss if is_classifier(config) else batch_loss
+    loss, grads = jax.value_and_grad(lambda p: loss_fn(config, net, state.variables(p), batch, keys))(state.params)
     grads, bad = neutralise(grads)
     updates, opt_state = make_optimizer(config).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -92,7 +119,7 @@ def train_step(config, net: nn.Module, state: TrainState, batch: dict, key: jax.
 
 def abstract_state(config, net: nn.Module) -> TrainState:
     """ShapeDtypeStruct tree of :func:`init_state` for ``net`` (input shape from its img_resolution, in_channels)."""
-    info = types.SimpleNamespace(resolution=net.img_resolution, channels=net.in_channels, num_classes=net.label_dim)
+    info = types.SimpleNamespace(resolution=net.img_resolution, channels=net.in_channels)
     return jax.eval_shape(functools.partial(init_state, config, net, info), jax.random.key(0))
 
 

@@ -1,0 +1,278 @@
+"""Fair sampling by attribute switching (METHODS.md §4): attribute rate and BER without and with switching.
+
+    python -m eval.fairness [--task mixture] [--out DIR] [--num_samples N] [--steps N] [--prior P]
+    python -m eval.fairness --task digits --workdir RUN [--classes 3,8] [--out DIR] [--num_samples N] ...
+
+Both tasks have a binary sensitive attribute a in {0, 1} that the model is conditioned on, and a biased prior
+P(a = 1) = --prior (0.75): every sample draws its initial attribute s0 from the prior. "Without switching" it is
+sampled conditioned on s0 throughout, so the attribute rate (fraction of samples that *show* attribute 1) is about
+the prior, >= 0.7, and the shown attribute predicts s0 (BER of predicting s0 from it near 0). "With switching" it
+is conditioned on s0 while sigma > tau and on s1 = 1 - s0 after; at the fair tau what a sample shows no longer
+depends on s0, so the rate is 0.5 and the BER 0.5 whatever the prior.
+
+- mixture: :func:`jaxdiff.fairness.mirror_mixture` with its exact denoiser; the shown attribute is the side of
+  the plane a sample lands on (the Bayes classifier). Also reports the attribute-blind base model (zero cond).
+- digits: a train.py run (class-conditional, 10 classes). Attribute 0 / 1 are the two --classes (3 and 8 share
+  their coarse outline), the condition is that class's one-hot label, and the shown attribute is the digits
+  classifier's verdict: the rate is the fraction classified as the second class among the samples classified
+  as either; samples classified as any other digit are counted (``valid``) and left out of rate and BER.
+
+tau comes from :func:`jaxdiff.fairness.tau_search` on the sampler's grid (per-sample s0 -> s1 rows, so both
+directions count). With --scan_samples > 0 every grid index is also tried on a separate calibration batch and the
+one whose BER is closest to 0.5 is evaluated as ``switch_best`` (the default for the mixture; on the digits
+net it costs a full sampling run per grid index). Sampling is deterministic Heun on a Karras grid.
+
+Writes DIR/fairness_<task>.json and DIR/fairness_<task>.png (D(tau), and with a scan the measured rate and BER
+per tau), prints a table, and the last stdout line is the JSON object. Errors end with one ``eval.fairness:
+error:`` line on stderr and exit code 1 (2 for command-line errors).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff import fairness as F
+from jaxdiff import schedules, toy
+from jaxdiff.cli import fail
+from jaxdiff.solvers import heun_sampler
+
+PROG = 'eval.fairness'
+FAIR = 0.5
+
+
+class Task(NamedTuple):
+    """What the evaluation needs of a task.
+
+    denoiser: D(x, sigma, cond); cond_rows: attribute (B,) int {0, 1} -> cond (B, K);
+    shown: samples (B, ...) -> (attribute shown (B,) bool, valid (B,) bool: the verdict is one of the two);
+    sample_shape: one sample's shape; sigmas: (N+1,) the sampling grid; description: JSON-able.
+    """
+    denoiser: Callable
+    cond_rows: Callable
+    shown: Callable
+    sample_shape: tuple
+    sigmas: np.ndarray
+    description: dict
+
+
+def mixture_task(steps: int, prior: float) -> Task:
+    """The 2-D mirror mixture with the data bias p(s = 1) = prior."""
+    gm = F.mirror_mixture(prior)
+    return Task(toy.denoiser(gm), lambda a: jax.nn.one_hot(a, 2),
+                lambda x: (F.mirror_attribute(x), jnp.ones(x.shape[:1], bool)), (2,),
+                schedules.karras_sigmas(steps),
+                dict(kind='mirror_mixture', attribute='region A (x_0 > 0)', data_bias=prior))
+
+
+def digits_task(model, classifier, classes: tuple[int, int], steps: int) -> Task:
+    """A class-conditional model with attribute a -> class classes[a]; ``classifier`` as feature_classifier's
+    ``apply(uint8 (B,H,W,C)) -> {'logits': (B, 10)}``."""
+    from jaxdiff.sampling.generate import to_uint8
+    lo, hi = model.sigma_range
+    table = jnp.asarray(classes, jnp.int32)
+
+    def shown(x):
+        verdict = jnp.argmax(classifier(to_uint8(x))['logits'], axis=1)
+        return verdict == table[1], (verdict == table[0]) | (verdict == table[1])
+
+    return Task(model.denoiser(model.variables), lambda a: jax.nn.one_hot(table[a], model.label_dim), shown,
+                (model.resolution, model.resolution, model.channels),
+                schedules.karras_sigmas(steps, sigma_min=max(0.002, lo), sigma_max=min(80.0, hi)),
+                dict(kind='digits', attribute=f'classified {classes[1]} (vs {classes[0]})', classes=list(classes),
+                     model=model.description))
+
+
+def _sampler(task: Task, batch_size: int):
+    """(latents (B, ...), start (B,) int, tau ()) -> (shown (B,) bool, valid (B,) bool), batched; tau = 0 never
+    switches (plain conditional sampling), and start None samples attribute-blind (zero cond)."""
+
+    @jax.jit
+    def run(z, start, tau):
+        s0 = task.cond_rows(start)
+        x = heun_sampler(F.attribute_switch(s0, task.cond_rows(1 - start), tau)(task.denoiser), z, task.sigmas,
+                         cond=s0)
+        return task.shown(x)
+
+    @jax.jit
+    def blind(z):
+        x = heun_sampler(task.denoiser, z, task.sigmas, cond=jnp.zeros_like(task.cond_rows(jnp.zeros(len(z), int))))
+        return task.shown(x)
+
+    def sample(z, start, tau=0.0):
+        out = [blind(z[i:i + batch_size]) if start is None else
+               run(z[i:i + batch_size], start[i:i + batch_size], jnp.float32(tau))
+               for i in range(0, len(z), batch_size)]
+        return tuple(np.concatenate([np.asarray(o[k]) for o in out]) for k in (0, 1))
+
+    return sample
+
+
+def measure(shown: np.ndarray, valid: np.ndarray, start: Optional[np.ndarray]) -> dict:
+    """Rate of attribute 1 and BER of predicting ``start`` from it, over the valid samples ((N,) arrays); None
+    where undefined (no valid sample; no start, or one value of it without valid samples)."""
+    n = int(valid.sum())
+    rate = float(F.attribute_rate(shown[valid])) if n else None
+    # BER is undefined (None) when one initial attribute has no valid sample.
+    ber = float(F.balanced_error_rate(shown[valid], start[valid])) if start is not None and n else float('nan')
+    return dict(rate=rate, ber=None if np.isnan(ber) else ber, valid=n / len(valid))
+
+
+def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int, scan_samples: int,
+             batch_size: int, seed: int = 0, blind: bool = False, log=print) -> dict:
+    """Everything the CLI reports (see the module docstring), as a JSON-able dict."""
+    keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(5)]
+    shape = task.sample_shape
+    sample = _sampler(task, batch_size)
+    search_start = np.asarray(jax.random.bernoulli(keys[0], prior, (search_samples,)), np.int32)
+    search = F.tau_search(task.denoiser, jax.random.normal(keys[1], (search_samples, *shape)), task.sigmas,
+                          task.cond_rows(search_start), task.cond_rows(1 - search_start))
+    n_grid = len(task.sigmas)
+    taus = [float(F.switch_sigma(task.sigmas, i)) for i in range(n_grid)]
+    log(f'tau_search: index {int(search.index)} of {n_grid - 1}, tau_sigma {float(search.sigma):.4g}')
+
+    scan = None
+    if scan_samples:
+        zc = jax.random.normal(keys[2], (scan_samples, *shape))
+        sc = np.asarray(jax.random.bernoulli(keys[2], prior, (scan_samples,)), np.int32)
+        rows = [measure(*sample(zc, sc, tau), sc) for tau in taus]
+        scan = dict(rate=[r['rate'] for r in rows], ber=[r['ber'] for r in rows])
+
+    z = jax.random.normal(keys[3], (num_samples, *shape))
+    start = np.asarray(jax.random.bernoulli(keys[4], prior, (num_samples,)), np.int32)
+    runs = {}
+    if blind:
+        runs['base'] = dict(measure(*sample(z, None), None), tau_index=None, tau_sigma=None)
+    # switch_sigma(grid, N) = 0 lies below every level the sampler evaluates: no step is conditioned on s1.
+    picks = [('conditional', n_grid - 1), ('switch_search', int(search.index))]
+    if scan is not None:
+        gaps = [np.inf if b is None else abs(b - FAIR) for b in scan['ber']]
+        if np.isfinite(min(gaps)):
+            picks.append(('switch_best', int(np.argmin(gaps))))
+    for name, index in picks:
+        runs[name] = dict(measure(*sample(z, start, taus[index]), start), tau_index=index,
+                          tau_sigma=taus[index] if np.isfinite(taus[index]) else None)
+    return dict(task=task.description, prior=prior, num_samples=num_samples, steps=n_grid - 1,
+                search_samples=search_samples, scan_samples=scan_samples, seed=seed,
+                tau_search=dict(index=int(search.index), sigma=float(search.sigma),
+                                curve=[float(c) for c in np.asarray(search.curve)]),
+                tau_sigmas=[t if np.isfinite(t) else None for t in taus], scan=scan, runs=runs)
+
+
+def plot(result: dict, path: str) -> None:
+    """D(tau) over the grid index, and (with a scan) the measured rate and BER, marking the chosen taus."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    scan = result['scan']
+    fig, axes = plt.subplots(2 if scan else 1, 1, figsize=(7, 6 if scan else 3.5), sharex=True, squeeze=False)
+    index = np.arange(len(result['tau_search']['curve']))
+    ax = axes[0, 0]
+    ax.plot(index, result['tau_search']['curve'], color='C0')
+    ax.set_ylabel('D(tau)')
+    ax.set_title(f"attribute switching: {result['task']['kind']}")
+    for a in axes[:, 0]:
+        for name, style in (('switch_search', ':'), ('switch_best', '--')):
+            if name in result['runs']:
+                a.axvline(result['runs'][name]['tau_index'], color='k', linestyle=style, label=name)
+    ax.legend(fontsize=8)
+    if scan:
+        ax = axes[1, 0]
+        ax.plot(index, [np.nan if r is None else r for r in scan['rate']], label='rate of attribute 1')
+        ax.plot(index, [np.nan if b is None else b for b in scan['ber']], label='BER(shown, s0)')
+        ax.axhline(FAIR, color='gray', linewidth=0.8)
+        ax.set_ylabel('measured')
+        ax.legend(fontsize=8)
+    axes[-1, 0].set_xlabel('switch index (steps >= index use s1; 0 = s1 throughout)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    """The runs as aligned text rows."""
+    lines = [f"{'run':<14}{'tau_sigma':>10}{'rate':>8}{'BER':>8}{'valid':>8}"]
+    for name, r in result['runs'].items():
+        tau = '-' if r['tau_sigma'] is None else f"{r['tau_sigma']:.4g}"
+        ber = '-' if r['ber'] is None else f"{r['ber']:.3f}"
+        rate = '-' if r['rate'] is None else f"{r['rate']:.3f}"
+        lines.append(f"{name:<14}{tau:>10}{rate:>8}{ber:>8}{r['valid']:>8.3f}")
+    return '\n'.join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
+    p.add_argument('--task', choices=('mixture', 'digits'), default='mixture')
+    p.add_argument('--workdir', help='train.py run directory (digits)')
+    p.add_argument('--out', default='out/fairness', help='folder for the JSON and the plot')
+    p.add_argument('--classes', default='3,8', help='digits: the classes of attribute 0 and 1')
+    p.add_argument('--prior', type=float, default=0.75, help='P(initial attribute = 1)')
+    p.add_argument('--num_samples', type=int, default=None, help='evaluation samples (mixture 4000, digits 1000)')
+    p.add_argument('--steps', type=int, default=None, help='Karras grid steps (mixture 128, digits 18)')
+    p.add_argument('--search_samples', type=int, default=256, help='samples for tau_search')
+    p.add_argument('--scan_samples', type=int, default=None,
+                   help='calibration samples per grid index for switch_best (mixture 2000, digits 0 = no scan)')
+    p.add_argument('--batch_size', type=int, default=500)
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    mixture = args.task == 'mixture'
+    args.num_samples = args.num_samples or (4000 if mixture else 1000)
+    args.steps = args.steps or (128 if mixture else 18)
+    args.scan_samples = (2000 if mixture else 0) if args.scan_samples is None else args.scan_samples
+    try:
+        args.classes = tuple(int(c) for c in args.classes.split(','))
+    except ValueError:
+        p.error(f'--classes must be two integers like 3,8, got {args.classes!r}')
+    if len(args.classes) != 2 or args.classes[0] == args.classes[1]:
+        p.error(f'--classes must name two different classes, got {args.classes}')
+    if not 0 < args.prior < 1:
+        p.error(f'--prior must lie strictly between 0 and 1, got {args.prior}')
+    if args.task == 'digits' and not args.workdir:
+        p.error('--task digits needs --workdir RUN (a train.py run of a class-conditional digits model)')
+    return args
+
+
+def build_task(args: argparse.Namespace, log=print) -> Task:
+    """The Task the arguments name; loads the model and the digits classifier for --task digits."""
+    if args.task == 'mixture':
+        return mixture_task(args.steps, args.prior)
+    from jaxdiff.metrics.feature_classifier import load_or_train
+    from jaxdiff.sampling.model import load_model
+    model = load_model(args.workdir)
+    if not model.label_dim or max(args.classes) >= model.label_dim or min(args.classes) < 0:
+        raise ValueError(f'{args.workdir} has {model.label_dim} class labels; --classes {args.classes} must index '
+                         'them (train a class-conditional model: data.use_labels=True)')
+    return digits_task(model, load_or_train('digits_classifier', log=log).apply, args.classes, args.steps)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)
+    try:
+        start = time.time()
+        task = build_task(args, log)
+        result = evaluate(task, num_samples=args.num_samples, prior=args.prior, search_samples=args.search_samples,
+                          scan_samples=args.scan_samples, batch_size=args.batch_size, seed=args.seed,
+                          blind=args.task == 'mixture', log=log)
+        os.makedirs(args.out, exist_ok=True)
+        result['plot'] = os.path.join(args.out, f'fairness_{args.task}.png')
+        plot(result, result['plot'])
+        result['seconds'] = round(time.time() - start, 1)
+        with open(os.path.join(args.out, f'fairness_{args.task}.json'), 'w') as f:
+            json.dump(result, f, indent=1)
+    except (FileNotFoundError, ValueError, OSError) as error:
+        fail(PROG, error, 1)
+    print(table(result))
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,90 @@
+"""python -m eval.safety: the ring task end to end (JSON, table, plot; unguidance and the exact safe denoiser reach
+the safe sub-mixture), the digits path on a tiny random-init model (structure only), and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from eval import safety
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'eval.safety', *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=240, env=env)
+
+
+def test_mixture_task_end_to_end(tmp_path, capsys):
+    assert safety.main(['--num_samples', '1000', '--out', str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result == json.load(open(tmp_path / 'safety_mixture.json'))
+    assert os.path.getsize(tmp_path / 'safety_mixture.png') > 0 and result['plot'].endswith('safety_mixture.png')
+    assert result['task'] == 'mixture' and result['num_samples'] == 1000 and result['true_unsafe'] == 0.25
+    rows = {(r['method'], r['strength']): r for r in result['rows']}
+    names = {r['method'] for r in result['rows']}
+    assert names == {'none', 'unguidance', 'negative_classifier_guidance', 'exact_safe_denoiser',
+                     'reference_safe_denoiser', 'sld'}
+    for row in result['rows']:
+        assert set(row) >= {'unsafe', 'off', 'min_ratio', 'max_ratio', 'shares'} and len(row['shares']) == 8
+        assert np.isclose(sum(row['shares']), 1.0, atol=1e-3)
+    assert 0.2 <= rows['none', '-']['unsafe'] <= 0.3
+    for key in (('unguidance', 'gamma=30'), ('exact_safe_denoiser', 'beta*')):
+        row = rows[key]
+        assert row['unsafe'] <= 0.03 and row['off'] <= 0.01, row
+        assert 0.8 <= row['min_ratio'] and row['max_ratio'] <= 1.2, row
+    assert 'unguidance' in err and 'min_ratio' in err  # the table
+
+
+def test_mixture_methods_filter_keeps_the_baseline(tmp_path, capsys):
+    assert safety.main(['--num_samples', '200', '--methods', 'exact_safe_denoiser', '--out', str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r['method'] for r in result['rows']] == ['none', 'exact_safe_denoiser']
+
+
+def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv('JAXDIFF_CACHE', str(tmp_path_factory.mktemp('cache')))
+    # One strength per method: each strength is one compilation of the sampler, and only the wiring is checked.
+    every = safety.digits_methods
+
+    def first_strengths(*args):
+        methods = every(*args)
+        return [m for i, m in enumerate(methods) if m.name not in {n.name for n in methods[:i]}]
+
+    monkeypatch.setattr(safety, 'digits_methods', first_strengths)
+    result, samples = safety.run_digits(run_dir, 7, num_samples=16, num_steps=18, batch_size=8, log=lambda m: None)
+    names = [r['method'] for r in result['rows']]
+    assert names[0] == 'none' and set(names) == {'none', 'unguidance', 'negative_classifier_guidance',
+                                                 'reference_safe_denoiser', 'sld'}
+    for row in result['rows']:
+        assert 0.0 <= row['unsafe'] <= 1.0 and isinstance(row['meets_target'], bool)
+        assert set(row) >= {'fd', 'fd_ratio', 'seconds'}
+    assert all(x.shape == (16, 8, 8, 1) and x.dtype == np.uint8 for x in samples.values())
+    assert os.path.getsize(safety.digits_plot(samples, str(tmp_path / 'grid.png'))) > 0
+
+
+def test_float_logits_match_the_uint8_classifier(tmp_path):
+    from jaxdiff.metrics.feature_classifier import make_feature_net
+    from jaxdiff.nets.classifier import SmallCNN
+    variables = SmallCNN(10).init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
+    net = make_feature_net('digits_classifier', variables)
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
+    np.testing.assert_allclose(safety.float_logits(net)(images / 127.5 - 1), net.apply(images)['logits'],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_errors_are_one_line(tmp_path):
+    missing = cli('--task', 'digits', '--workdir', tmp_path / 'nope', '--out', tmp_path)
+    assert missing.returncode == 1 and missing.stdout == ''
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('eval.safety: error: model directory not found')
+    no_workdir = cli('--task', 'digits')
+    assert no_workdir.returncode == 2 and no_workdir.stderr.strip().endswith('needs --workdir RUN '
+                                                                             '(a class-conditional train.py run)')
+    bad_method = cli('--methods', 'magic', '--num_samples', '10', '--out', tmp_path)
+    assert bad_method.returncode == 1 and 'unknown method(s) magic' in bad_method.stderr
