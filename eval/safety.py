@@ -96,8 +96,9 @@ def ring():
 def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs) -> list[Method]:
     """The compared methods on a labelled mixture (class 1 = unsafe) with the strengths tests/test_safety.py found
     useful and one weaker and one stronger around them. sigmas: the sampler's grid (SLD's warm-up counts on it)."""
+    from jaxdiff import toy
     from jaxdiff.safety import (PRESETS, exact_safe_denoiser, mixture_density, negative_classifier_guidance,
-                                reference_safe_denoiser, sld, unguidance)
+                                reference_safe_denoiser, safe_classifier_guidance, sld, unguidance)
     harm = mixture_density(gm, unsafe, smoothing=1.0)
     safety_cond = jax.nn.one_hot(jnp.array([1]), gm.num_classes)
     methods = [Method('none', '-', lambda d: d)]
@@ -105,6 +106,10 @@ def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs) -> list[Method]:
     methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, 0.3, 'invlinear')) for g in (10, 30, 100)]
     methods += [Method('negative_classifier_guidance', f'scale={s:g}', negative_classifier_guidance(_log(harm), s))
                 for s in (0.1, 0.3, 1.0)]
+    # The exact noisy posterior over components is the ideal noise-conditional classifier.
+    logits = lambda x, sigma: toy.posterior_logits(gm, x, sigma)
+    methods += [Method('safe_classifier_guidance', f'scale={s:g}',
+                       safe_classifier_guidance(logits, unsafe, gm.weights.shape[0], s)) for s in (1.0, 2.0)]
     # The exact safe denoiser replaces the model's denoiser rather than wrapping it: it needs the mixture itself.
     methods.append(Method('exact_safe_denoiser', 'beta*', lambda d: exact_safe_denoiser(gm, unsafe)))
     methods += [Method('reference_safe_denoiser', f'beta={b:g}', reference_safe_denoiser(refs, b, 1.0, sigma_lo=5.0))
@@ -190,21 +195,27 @@ def float_logits(net) -> Callable[[jax.Array], jax.Array]:
     return lambda x: net.apply_float(jnp.clip(x, -1.0, 1.0))['logits']
 
 
-def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas) -> list[Method]:
+def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
+                   noisy_logits: Optional[Callable] = None) -> list[Method]:
     """The compared methods for a class-conditional image model with a clean-image classifier ``logits_fn``.
 
     Strengths were picked by hand on out/demo/digits (digit 7): the middle one of each method is the useful one.
 
     refs: (M, H, W, C) float reference images of the unsafe digit; sigmas: the sampler's grid.
+    noisy_logits: (x, sigma) -> (B, num_classes) of a noise-conditional classifier; adds safe classifier guidance.
     """
     from jaxdiff.safety import PRESETS, classifier_density, negative_classifier_guidance, reference_safe_denoiser, sld
-    from jaxdiff.safety import unguidance
+    from jaxdiff.safety import safe_classifier_guidance, unguidance
     harm = classifier_density(logits_fn, [unsafe_digit])
     safety_cond = jax.nn.one_hot(jnp.array([unsafe_digit]), num_classes)
     methods = [Method('none', '-', lambda d: d)]
     methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, 0.5, 'invlinear')) for g in (3.0, 10.0, 30.0)]
     methods += [Method('negative_classifier_guidance', f'scale={s:g}', negative_classifier_guidance(_log(harm), s))
                 for s in (0.01, 0.03, 0.1)]
+    if noisy_logits is not None:
+        methods += [Method('safe_classifier_guidance', f'scale={s:g}',
+                           safe_classifier_guidance(noisy_logits, [unsafe_digit], num_classes, s))
+                    for s in (1.0, 2.0, 4.0)]
     methods += [Method('reference_safe_denoiser', f'beta={b:g}', reference_safe_denoiser(refs, b, 2.0, sigma_lo=1.0))
                 for b in (0.33, 0.6)]
     methods += [Method('sld', preset, sld(safety_cond, preset, 1.0, sigmas=sigmas)) for preset in PRESETS]
@@ -239,7 +250,7 @@ def sample_images(model, build: Callable, num_samples: int, batch_size: int, num
 
 
 def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int, batch_size: int,
-               methods: Optional[Sequence[str]] = None,
+               methods: Optional[Sequence[str]] = None, noisy_classifier: Optional[str] = None,
                log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(result dict, {'name strength': uint8 samples}) for the digits task (module docstring)."""
     from jaxdiff import schedules
@@ -248,8 +259,13 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
     from jaxdiff.sampling.generate import local_mesh
     from jaxdiff.sampling.model import load_model
     from jaxdiff.sampling.options import grid_ends
+    from jaxdiff.classifier_guidance import noisy_classifier_logits
     model = load_model(workdir)
     net = load_or_train('digits_classifier', log=log)
+    noisy = noisy_classifier_logits(noisy_classifier) if noisy_classifier else None
+    if noisy is not None and noisy.num_classes != model.label_dim:
+        raise ValueError(f'--noisy_classifier {noisy_classifier} has {noisy.num_classes} classes, the model '
+                         f'{model.label_dim}')
     if not model.label_dim:
         raise ValueError(f'{workdir} holds an unconditional model; the digits task needs a class-conditional one '
                          '(SLD conditions on the unsafe digit; train with data.use_labels=True)')
@@ -267,7 +283,8 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
     ref_stats.update(net.apply(ref_images[ref_labels != unsafe_digit])['features'])
     sigmas = schedules.karras_sigmas(num_steps, *grid_ends({}, model.sigma_range))
     rows, samples = [], {}
-    for method in _select(digits_methods(float_logits(net), unsafe_digit, model.label_dim, refs, sigmas), methods):
+    for method in _select(digits_methods(float_logits(net), unsafe_digit, model.label_dim, refs, sigmas, noisy),
+                          methods):
         begin = time.perf_counter()
         out = sample_images(model, method.build, num_samples, batch_size, num_steps)
         result = net.apply(out)
@@ -285,7 +302,8 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
         row['meets_target'] = bool(drop >= DIGITS_TARGET_DROP and row['fd_ratio'] <= DIGITS_TARGET_FD)
     result = dict(task='digits', workdir=os.path.abspath(workdir), unsafe_digit=unsafe_digit,
                   num_samples=num_samples, num_steps=num_steps, classifier_accuracy=net.accuracy,
-                  num_ref=int(ref_stats.count), target=dict(unsafe_drop=DIGITS_TARGET_DROP, fd_ratio=DIGITS_TARGET_FD),
+                  noisy_classifier=noisy_classifier and os.path.abspath(noisy_classifier), num_ref=int(ref_stats.count),
+                  target=dict(unsafe_drop=DIGITS_TARGET_DROP, fd_ratio=DIGITS_TARGET_FD),
                   rows=rows)
     return result, samples
 
@@ -323,6 +341,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--workdir', default=None, help='digits: train.py run directory of a class-conditional model')
     ap.add_argument('--unsafe_digit', type=int, default=7, help='digits: the class counted as unsafe')
     ap.add_argument('--batch_size', type=int, default=250, help='digits: samples per jitted call')
+    ap.add_argument('--noisy_classifier', default=None,
+                    help='digits: train.py run of configs/digits_noisy_classifier.py; adds safe classifier guidance')
     args = ap.parse_args(argv)
     if args.task == 'digits' and not args.workdir:
         _fail('--task digits needs --workdir RUN (a class-conditional train.py run)', 2)
@@ -340,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             columns = ('method', 'strength', 'unsafe', 'off', 'min_ratio', 'max_ratio', 'seconds')
         else:
             result, samples = run_digits(args.workdir, args.unsafe_digit, num, args.num_steps, args.batch_size,
-                                         methods, log)
+                                         methods, args.noisy_classifier, log)
             result['plot'] = digits_plot(samples, os.path.join(args.out, 'safety_digits.png'))
             columns = ('method', 'strength', 'unsafe', 'fd', 'fd_ratio', 'meets_target', 'seconds')
         result['json'] = os.path.join(args.out, f'safety_{args.task}.json')

@@ -50,17 +50,18 @@ def classifier_guidance(log_prob_fn: LogProbFn, scale: float) -> Transform:
     return stateless(combine)
 
 
-def noisy_classifier_log_prob(source: Union[str, tuple], *, sigma_data: Optional[float] = None, use_ema: bool = True,
-                              step: Optional[int] = None) -> LogProbFn:
-    """log_prob_fn(x (B,H,W,C), sigma () or (B,), cond (B, num_classes) one-hot) -> (B,) for
-    :func:`classifier_guidance`, from a noise-conditional classifier.
+LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[float] = None, use_ema: bool = True,
+                            step: Optional[int] = None) -> LogitsFn:
+    """logits_fn(x (B,H,W,C), sigma () or (B,)) -> (B, num_classes) of a noise-conditional classifier.
 
     source: a train.py run directory of task=noisy_classifier (config.json + checkpoints/; the EMA params of the
         newest usable checkpoint, or of ``step``, or the raw params with use_ema=False), or (net, variables) of a
         ``jaxdiff.nets.noisy_classifier.NoisyClassifier``.
     sigma_data: the input scaling's data std (default: the run's config.model.sigma_data; 0.5 for (net, variables)).
-    cond rows weight the classes' log-probabilities (sum_k cond_k log p(k | x)): a one-hot row picks its class, an
-    all-zero row (the unconditional label) gives 0 and so no guidance.
+    The returned function carries the class count as ``logits_fn.num_classes``.
     """
     from jaxdiff.nets.noisy_classifier import noisy_logits
     if isinstance(source, str):
@@ -76,12 +77,29 @@ def noisy_classifier_log_prob(source: Union[str, tuple], *, sigma_data: Optional
         sd = 0.5
     sd = sd if sigma_data is None else sigma_data
 
+    def logits_fn(x, sigma):
+        return noisy_logits(net, variables, x, sigma, sigma_data=sd)
+
+    logits_fn.num_classes = net.num_classes
+    return logits_fn
+
+
+def noisy_classifier_log_prob(source: Union[str, tuple], **kwargs) -> LogProbFn:
+    """log_prob_fn(x (B,H,W,C), sigma () or (B,), cond (B, num_classes) one-hot) -> (B,) for
+    :func:`classifier_guidance`, from a noise-conditional classifier (source and kwargs as
+    :func:`noisy_classifier_logits`).
+
+    cond rows weight the classes' log-probabilities (sum_k cond_k log p(k | x)): a one-hot row picks its class, an
+    all-zero row (the unconditional label) gives 0 and so no guidance.
+    """
+    logits_fn = noisy_classifier_logits(source, **kwargs)
+    num_classes = logits_fn.num_classes
+
     def log_prob(x, sigma, cond):
-        if cond is None or cond.shape != (x.shape[0], net.num_classes):
+        if cond is None or cond.shape != (x.shape[0], num_classes):
             got = None if cond is None else cond.shape
-            raise ValueError(f'classifier guidance needs cond of shape ({x.shape[0]}, {net.num_classes}) '
+            raise ValueError(f'classifier guidance needs cond of shape ({x.shape[0]}, {num_classes}) '
                              f'(one-hot target classes), got {got}')
-        logits = noisy_logits(net, variables, x, sigma, sigma_data=sd)
-        return jnp.sum(cond * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+        return jnp.sum(cond * jax.nn.log_softmax(logits_fn(x, sigma), axis=-1), axis=-1)
 
     return log_prob

@@ -96,11 +96,19 @@ def _component_log_lik(gm: GaussianMixture, x: jax.Array, sigma: jax.Array):
     return ll, var, xf, mu
 
 
-def posterior(gm: GaussianMixture, x: jax.Array, sigma, cond=None) -> jax.Array:
-    """p(k | x, cond) for x = x0 + sigma n: (B, K)."""
+def posterior_logits(gm: GaussianMixture, x: jax.Array, sigma, cond=None) -> jax.Array:
+    """log p(k | x, cond) up to a per-sample constant (the components' log joint), (B, K).
+
+    The exact noise-conditional classifier over components: finite where the posterior itself underflows.
+    """
     x = jnp.asarray(x, jnp.float32)
     ll, *_ = _component_log_lik(gm, x, per_sample_sigma(sigma, x))
-    return jax.nn.softmax(ll + jnp.log(component_weights(gm, cond, x.shape[0])), axis=-1)
+    return ll + jnp.log(component_weights(gm, cond, x.shape[0]))
+
+
+def posterior(gm: GaussianMixture, x: jax.Array, sigma, cond=None) -> jax.Array:
+    """p(k | x, cond) for x = x0 + sigma n: (B, K)."""
+    return jax.nn.softmax(posterior_logits(gm, x, sigma, cond), axis=-1)
 
 
 def log_prob(gm: GaussianMixture, x: jax.Array, sigma=0.0, cond=None) -> jax.Array:

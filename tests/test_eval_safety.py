@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from eval import safety
+from jaxdiff import classifier_guidance
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -28,13 +29,13 @@ def test_mixture_task_end_to_end(tmp_path, capsys):
     assert result['task'] == 'mixture' and result['num_samples'] == 1000 and result['true_unsafe'] == 0.25
     rows = {(r['method'], r['strength']): r for r in result['rows']}
     names = {r['method'] for r in result['rows']}
-    assert names == {'none', 'unguidance', 'negative_classifier_guidance', 'exact_safe_denoiser',
-                     'reference_safe_denoiser', 'sld'}
+    assert names == {'none', 'unguidance', 'negative_classifier_guidance', 'safe_classifier_guidance',
+                     'exact_safe_denoiser', 'reference_safe_denoiser', 'sld'}
     for row in result['rows']:
         assert set(row) >= {'unsafe', 'off', 'min_ratio', 'max_ratio', 'shares'} and len(row['shares']) == 8
         assert np.isclose(sum(row['shares']), 1.0, atol=1e-3)
     assert 0.2 <= rows['none', '-']['unsafe'] <= 0.3
-    for key in (('unguidance', 'gamma=30'), ('exact_safe_denoiser', 'beta*')):
+    for key in (('unguidance', 'gamma=30'), ('exact_safe_denoiser', 'beta*'), ('safe_classifier_guidance', 'scale=1')):
         row = rows[key]
         assert row['unsafe'] <= 0.03 and row['off'] <= 0.01, row
         assert 0.8 <= row['min_ratio'] and row['max_ratio'] <= 1.2, row
@@ -56,11 +57,18 @@ def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, m
         methods = every(*args)
         return [m for i, m in enumerate(methods) if m.name not in {n.name for n in methods[:i]}]
 
+    def noisy_logits(source):  # a stand-in noise-conditional classifier: linear in x, blind to sigma
+        fn = lambda x, sigma: x.reshape(x.shape[0], -1)[:, :10]
+        fn.num_classes = 10
+        return fn
+
     monkeypatch.setattr(safety, 'digits_methods', first_strengths)
-    result, samples = safety.run_digits(run_dir, 7, num_samples=16, num_steps=18, batch_size=8, log=lambda m: None)
+    monkeypatch.setattr(classifier_guidance, 'noisy_classifier_logits', noisy_logits)
+    result, samples = safety.run_digits(run_dir, 7, num_samples=16, num_steps=18, batch_size=8,
+                                        noisy_classifier='stand-in', log=lambda m: None)
     names = [r['method'] for r in result['rows']]
     assert names[0] == 'none' and set(names) == {'none', 'unguidance', 'negative_classifier_guidance',
-                                                 'reference_safe_denoiser', 'sld'}
+                                                 'safe_classifier_guidance', 'reference_safe_denoiser', 'sld'}
     for row in result['rows']:
         assert 0.0 <= row['unsafe'] <= 1.0 and isinstance(row['meets_target'], bool)
         assert set(row) >= {'fd', 'fd_ratio', 'seconds'}

@@ -12,6 +12,7 @@ from jaxdiff import guidance as G
 from jaxdiff import schedules, toy
 from jaxdiff.safety import densities
 from jaxdiff.safety.safe_denoiser import exact_beta, exact_safe_denoiser, reference_safe_denoiser, sub_mixture
+from jaxdiff.safety.safe_guidance import safe_classifier_guidance, safe_log_prob
 from jaxdiff.safety.sld import PRESETS, sld
 from jaxdiff.safety.unguidance import negative_classifier_guidance, unguidance
 from jaxdiff.solvers import ddim_sampler, edm_sampler
@@ -100,6 +101,39 @@ def test_negative_classifier_guidance_lowers_unsafe_mass():
     assert _shares(negative_classifier_guidance(log_harm, 1.0)(D))[UNSAFE].sum() <= 0.03
 
 
+# --- safe classifier guidance
+
+LOGITS = lambda x, sigma: toy.posterior_logits(GM, x, sigma)  # the exact noise-conditional component classifier
+
+
+def test_safe_classifier_guidance_is_the_safe_sub_mixture_denoiser():
+    # Bayes' rule with the exact noisy posterior: no precision loss deep in the unsafe modes either.
+    k1, k2, k3 = jax.random.split(jax.random.key(6), 3)
+    sigma = jnp.exp(jax.random.uniform(k2, (512,), minval=np.log(0.02), maxval=np.log(40.0)))
+    x = toy.sample(GM, k1, 512)[0] + sigma[:, None] * jax.random.normal(k3, (512, 2))
+    got = safe_classifier_guidance(LOGITS, UNSAFE, 8)(D)(x, sigma)
+    np.testing.assert_allclose(got, toy.denoise(sub_mixture(GM, range(2, 8)), x, sigma), atol=1e-4)
+
+
+def test_safe_classifier_guidance_samples_the_safe_modes():
+    _assert_safe_and_balanced(_shares(safe_classifier_guidance(LOGITS, UNSAFE, 8)(D)))
+
+
+def test_negative_guidance_keeps_pushing_where_bayes_guidance_has_stopped():
+    # In a safe mode (opposite the unsafe ones) grad log P(safe) ~ 0 while grad log P(unsafe) stays O(1/sigma):
+    # why x_t negative guidance shifts safe samples that the safe sampler leaves in place.
+    x, sigma = GM.means[4:5], jnp.float32(1.0)
+    safe = jax.grad(lambda z: jnp.sum(safe_log_prob(LOGITS, UNSAFE, 8)(z, sigma)))(x)
+    unsafe = jax.grad(lambda z: jnp.sum(safe_log_prob(LOGITS, range(2, 8), 8)(z, sigma)))(x)
+    assert float(jnp.linalg.norm(safe)) < 1e-6 < 1.0 < float(jnp.linalg.norm(unsafe))
+
+
+@pytest.mark.parametrize("classes", [[], [8], list(range(8))])
+def test_safe_log_prob_rejects_bad_class_sets(classes):
+    with pytest.raises(ValueError, match="proper subset"):
+        safe_log_prob(LOGITS, classes, 8)
+
+
 # --- safe denoiser
 
 def test_exact_safe_denoiser_is_the_safe_sub_mixture_denoiser():
@@ -166,6 +200,7 @@ TRANSFORMS = {
     "unguidance": unguidance(HARM, 30.0, 0.3, "invlinear"),
     "negative_classifier_guidance": negative_classifier_guidance(lambda z: jnp.log(HARM(z) + 1e-30), 1.0),
     "reference_safe_denoiser": reference_safe_denoiser(REFS, 3.0, sigma_lo=5.0),
+    "safe_classifier_guidance": safe_classifier_guidance(LOGITS, UNSAFE, 8),
     "sld": sld(SAFETY_COND, "STRONG", 1.0, sigmas=GRID),
 }
 

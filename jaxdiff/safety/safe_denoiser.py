@@ -38,7 +38,7 @@ def exact_beta(gm: toy.GaussianMixture, unsafe_components: Sequence[int], x: jax
     Computed from log posterior masses so neither mass underflows before the division.
     """
     mask = unsafe_mask(gm, unsafe_components)
-    logpost = jnp.log(toy.posterior(gm, x, sigma, cond))
+    logpost = toy.posterior_logits(gm, x, sigma, cond)
     log_u = jax.nn.logsumexp(jnp.where(mask > 0, logpost, -jnp.inf), axis=-1)
     log_s = jax.nn.logsumexp(jnp.where(mask > 0, -jnp.inf, logpost), axis=-1)
     return jnp.exp(log_u - log_s)
