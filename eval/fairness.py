@@ -20,7 +20,8 @@ depends on s0, so the rate is 0.5 and the BER 0.5 whatever the prior.
 tau comes from :func:`jaxdiff.fairness.tau_search` on the sampler's grid (per-sample s0 -> s1 rows, so both
 directions count). With --scan_samples > 0 every grid index is also tried on a separate calibration batch and the
 one whose BER is closest to 0.5 is evaluated as ``switch_best`` (the default for the mixture; on the digits
-net it costs a full sampling run per grid index). Sampling is deterministic Heun on a Karras grid.
+net it costs a full sampling run per grid index, so --scan_window W limits it to the W indices either side of
+tau_search's: a fine grid near the searched tau for the price of a coarse one). Sampling is deterministic Heun on a Karras grid.
 
 Writes DIR/fairness_<task>.json and DIR/fairness_<task>.png (D(tau), and with a scan the measured rate and BER
 per tau), prints a table, and the last stdout line is the JSON object. Errors end with one ``eval.fairness:
@@ -126,8 +127,10 @@ def measure(shown: np.ndarray, valid: np.ndarray, start: Optional[np.ndarray]) -
 
 
 def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int, scan_samples: int,
-             batch_size: int, seed: int = 0, blind: bool = False, log=print) -> dict:
-    """Everything the CLI reports (see the module docstring), as a JSON-able dict."""
+             batch_size: int, seed: int = 0, blind: bool = False, scan_window: Optional[int] = None,
+             log=print) -> dict:
+    """Everything the CLI reports (see the module docstring), as a JSON-able dict. ``scan_window`` W limits the
+    scan to the grid indices within W of tau_search's (None: the whole grid); the others' scan entries are None."""
     keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(5)]
     shape = task.sample_shape
     sample = _sampler(task, batch_size)
@@ -142,7 +145,9 @@ def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int,
     if scan_samples:
         zc = jax.random.normal(keys[2], (scan_samples, *shape))
         sc = np.asarray(jax.random.bernoulli(keys[2], prior, (scan_samples,)), np.int32)
-        rows = [measure(*sample(zc, sc, tau), sc) for tau in taus]
+        near = lambda i: scan_window is None or abs(i - int(search.index)) <= scan_window
+        rows = [measure(*sample(zc, sc, tau), sc) if near(i) else dict(rate=None, ber=None)
+                for i, tau in enumerate(taus)]
         scan = dict(rate=[r['rate'] for r in rows], ber=[r['ber'] for r in rows])
 
     z = jax.random.normal(keys[3], (num_samples, *shape))
@@ -160,7 +165,7 @@ def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int,
         runs[name] = dict(measure(*sample(z, start, taus[index]), start), tau_index=index,
                           tau_sigma=taus[index] if np.isfinite(taus[index]) else None)
     return dict(task=task.description, prior=prior, num_samples=num_samples, steps=n_grid - 1,
-                search_samples=search_samples, scan_samples=scan_samples, seed=seed,
+                search_samples=search_samples, scan_samples=scan_samples, scan_window=scan_window, seed=seed,
                 tau_search=dict(index=int(search.index), sigma=float(search.sigma),
                                 curve=[float(c) for c in np.asarray(search.curve)]),
                 tau_sigmas=[t if np.isfinite(t) else None for t in taus], scan=scan, runs=runs)
@@ -219,6 +224,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--search_samples', type=int, default=256, help='samples for tau_search')
     p.add_argument('--scan_samples', type=int, default=None,
                    help='calibration samples per grid index for switch_best (mixture 2000, digits 0 = no scan)')
+    p.add_argument('--scan_window', type=int, default=None,
+                   help='scan only the grid indices within this distance of tau_search\'s (default: all)')
     p.add_argument('--batch_size', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
@@ -260,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         task = build_task(args, log)
         result = evaluate(task, num_samples=args.num_samples, prior=args.prior, search_samples=args.search_samples,
                           scan_samples=args.scan_samples, batch_size=args.batch_size, seed=args.seed,
-                          blind=args.task == 'mixture', log=log)
+                          blind=args.task == 'mixture', scan_window=args.scan_window, log=log)
         os.makedirs(args.out, exist_ok=True)
         result['plot'] = os.path.join(args.out, f'fairness_{args.task}.png')
         plot(result, result['plot'])

@@ -66,6 +66,11 @@ def test_digits_path_on_a_tiny_net(run_dir):
     assert all(set(r) == RUN_KEYS and 0 <= r['valid'] <= 1 for r in result['runs'].values())
     assert len(result['tau_search']['curve']) == 4 and np.all(np.isfinite(result['tau_search']['curve']))
     json.dumps(result, allow_nan=False)
+    # A scan window of 0 tries only tau_search's own index.
+    narrow = E.evaluate(task, num_samples=12, prior=0.75, search_samples=4, scan_samples=4, batch_size=8,
+                        scan_window=0, log=lambda _: None)
+    scanned = [i for i, b in enumerate(narrow['scan']['rate']) if b is not None]
+    assert scanned == [narrow['tau_search']['index']] and narrow['scan_window'] == 0
 
 
 def test_missing_workdir_is_one_line(env, tmp_path):
