@@ -222,33 +222,6 @@ def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
     return methods
 
 
-def feature_fd(features: np.ndarray, ref_stats) -> float:
-    """Fréchet distance of features (N, D) to reference FeatureStats; nan with fewer than 2 samples."""
-    from jaxdiff.metrics import frechet
-    if len(features) < 2:
-        return float('nan')
-    stats = frechet.FeatureStats()
-    stats.update(features)
-    return frechet.frechet_distance(stats.mean(), stats.cov(), ref_stats.mean(), ref_stats.cov())
-
-
-def sample_images(model, build: Callable, num_samples: int, batch_size: int, num_steps: int) -> np.ndarray:
-    """uint8 (N, H, W, C) unconditional samples of seeds 0..N-1 from ``build(model denoiser)``, EDM Heun."""
-    from jaxdiff.sampling import generate, options
-    solver = options.make_solver('edm', options.resolve_solver('edm', {'num_steps': num_steps}, model.sigma_range))
-    # Mode 'none' with the model's classes: seed_label is -1, whose one-hot is the zero row = unconditional.
-    labels = generate.Labels('none', (), model.label_dim)
-    shape = (model.resolution, model.resolution, model.channels)
-    fn = generate.make_generator(lambda v: build(model.denoiser(v)), solver, labels, shape, generate.local_mesh())
-    batch = min(batch_size, num_samples)
-    out = []
-    for start in range(0, num_samples, batch):
-        # Every batch has one shape (one compilation); the last one's surplus seeds are dropped.
-        images, _ = fn(model.variables, jnp.arange(start, start + batch, dtype=jnp.int32))
-        out.append(np.asarray(images)[:num_samples - start])
-    return np.concatenate(out)
-
-
 def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int, batch_size: int,
                methods: Optional[Sequence[str]] = None, noisy_classifier: Optional[str] = None,
                log: Callable[[str], None] = print) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -256,7 +229,7 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
     from jaxdiff import schedules
     from jaxdiff.metrics import frechet
     from jaxdiff.metrics.feature_classifier import dataset_split, load_or_train
-    from jaxdiff.sampling.generate import local_mesh
+    from jaxdiff.sampling.generate import local_mesh, sample_array
     from jaxdiff.sampling.model import load_model
     from jaxdiff.sampling.options import grid_ends
     from jaxdiff.classifier_guidance import noisy_classifier_logits
@@ -286,11 +259,11 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
     for method in _select(digits_methods(float_logits(net), unsafe_digit, model.label_dim, refs, sigmas, noisy),
                           methods):
         begin = time.perf_counter()
-        out = sample_images(model, method.build, num_samples, batch_size, num_steps)
+        out = sample_array(model, num_samples, build=method.build, batch_size=batch_size, num_steps=num_steps)
         result = net.apply(out)
         unsafe = np.asarray(jnp.argmax(result['logits'], axis=1)) == unsafe_digit
         rows.append(dict(method=method.name, strength=method.strength, unsafe=float(unsafe.mean()),
-                         fd=feature_fd(np.asarray(result['features'])[~unsafe], ref_stats),
+                         fd=frechet.features_distance(np.asarray(result['features'])[~unsafe], ref_stats),
                          seconds=round(time.perf_counter() - begin, 2)))
         samples[f'{method.name} {method.strength}'] = out
         log(f'{method.name} {method.strength}: unsafe {rows[-1]["unsafe"]:.3f}, fd {rows[-1]["fd"]:.3f} '

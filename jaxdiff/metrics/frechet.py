@@ -119,3 +119,13 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f'{path} lacks {" and ".join(missing)} (found {sorted(npz.files)}); expected the '
                              'statistics layout of save_stats / pytorch-fid --save-stats (arrays mu and sigma)')
         return _check_gaussian(npz['mu'], npz['sigma'], path)
+
+
+def features_distance(features, ref: FeatureStats) -> float:
+    """Fréchet distance of features (N, D) to the reference statistics ``ref``; nan with fewer than 2 samples."""
+    if len(features) < 2:
+        return float('nan')
+    stats = FeatureStats()
+    stats.update(features)
+    return frechet_distance(stats.mean(), stats.cov(), ref.mean(), ref.cov())
+

@@ -102,3 +102,27 @@ def make_generator(denoiser: Callable, solver: Callable, labels: Labels, image_s
     replicated = NamedSharding(mesh, P())
     fn = functools.partial(generate, denoiser, solver, labels, tuple(image_shape))
     return jax.jit(fn, in_shardings=(replicated, batch), out_shardings=(batch, batch))
+
+
+def sample_array(model, num_samples: int, *, build: Callable = lambda d: d, labels: Optional[Labels] = None,
+                 variables: Optional[dict] = None, batch_size: int = 250, num_steps: int = 18) -> np.ndarray:
+    """uint8 (N, H, W, C) samples of seeds 0..N-1 in memory (sample.py's per-seed latents and labels, EDM Heun).
+
+    model: a jaxdiff.sampling.model.Model; build: transform of its denoiser (guidance); labels: how seeds get
+    labels (default: unconditional, the zero label); variables: the weights (default model.variables, e.g. a
+    perturbed copy); batch_size: seeds per jitted call (a multiple of the local device count).
+    """
+    from jaxdiff.sampling import options
+    solver = options.make_solver('edm', options.resolve_solver('edm', {'num_steps': num_steps}, model.sigma_range))
+    labels = labels or Labels('none', (), model.label_dim)
+    shape = (model.resolution, model.resolution, model.channels)
+    fn = make_generator(lambda v: build(model.denoiser(v)), solver, labels, shape, local_mesh())
+    variables = model.variables if variables is None else variables
+    batch = min(batch_size, num_samples)
+    out = []
+    for start in range(0, num_samples, batch):
+        # Every batch has one shape (one compilation); the last one's surplus seeds are dropped.
+        images, _ = fn(variables, jnp.arange(start, start + batch, dtype=jnp.int32))
+        out.append(np.asarray(images)[:num_samples - start])
+    return np.concatenate(out)
+
