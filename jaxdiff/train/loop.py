@@ -118,6 +118,9 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     Raises ValueError / FileNotFoundError (bad config or data), ckpt.ConfigMismatchError (the workdir holds another
     config), ckpt.CheckpointError (every checkpoint damaged) with one-line messages; nothing saved is deleted.
     """
+    if config.get('task') == 'adversarial':  # TRADES / PGD-AT with generated data: its own config and loop
+        from jaxdiff.robust import trainer
+        return trainer.run(config, workdir, allow_config_change=allow_config_change)
     check_config(config)
     with StopSignal() as stop:  # from here on, SIGTERM/SIGINT stop the run cleanly (at the latest after one step)
         return _run(config, workdir, allow_config_change, stop)

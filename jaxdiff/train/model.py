@@ -29,7 +29,7 @@ PRESETS = {
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PRECONDS = {'edm': precond.edm, 'vp': precond.vp, 've': precond.ve}
-TASKS = ('denoiser', 'noisy_classifier')
+TASKS = ('denoiser', 'noisy_classifier', 'adversarial')  # adversarial: jaxdiff.robust.trainer (own config)
 
 
 def is_classifier(config) -> bool:

@@ -1,0 +1,192 @@
+"""Data for adversarial training with generated images: the real training set (minus a held-out slice for
+best-checkpoint selection), a sample.py folder of generated images, and mixed batches drawn from both.
+
+Composition (Wang et al. 2023 / DM-Improves-AT's ``SemiSupervisedSampler``): every batch of B examples holds
+``n_gen = floor(B * generated_fraction)`` generated and ``n_real = B - n_gen`` real ones (512 * 0.7 -> 358 + 154,
+as the reference's ``int(batch_size * unsup_fraction)``). Each stream is an endless sequence of passes over its
+data; pass p is a permutation drawn from ``np.random.SeedSequence([seed, stream, p])`` (stream 0 real, 1
+generated), and step s takes positions ``[s * n, (s + 1) * n)`` of that sequence (a batch may straddle two passes).
+So a batch depends on (seed, step, dataset sizes) alone: a resumed run repeats the uninterrupted run's batches and
+the data-stream state is just the step. (The reference draws the generated part with replacement and gives the
+last real batch of a pass fewer real examples; here both streams are without replacement within a pass and every
+batch has the exact counts.)
+
+Epoch length, as the reference: ``ceil((n_real + n_generated) / B)`` steps (its ``dataset_size`` counts both);
+``ceil(n_real / B)`` without generated data.
+
+Held-out slice (the reference keeps the first 1024 CIFAR-10 training images out for PGD-40 selection): the first
+``eval.size`` examples of the real training set are removed from training and used for evaluation.
+
+Filtering generated samples (top-p% per class by a pseudo-labeller) is not done here: run
+``jaxdiff.sampling.filter.filter_folder`` (writes ``<folder>/top<p>``) and point ``data.generated`` at its output.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+REAL, GENERATED = 0, 1
+
+
+class AdvData(NamedTuple):
+    """Arrays of one run. images uint8 (N, H, W, C), labels int32 (N,)."""
+    real_images: np.ndarray
+    real_labels: np.ndarray
+    gen_images: Optional[np.ndarray]   # None without generated data
+    gen_labels: Optional[np.ndarray]
+    eval_images: np.ndarray            # the held-out slice ((0, H, W, C) when eval.size is 0)
+    eval_labels: np.ndarray
+    info: object                       # jaxdiff.data.sources.DatasetInfo of the real data (size = real train size)
+
+
+def _real_config(real) -> ml_collections.ConfigDict:
+    """config.data.real as the ``config.data`` that :func:`jaxdiff.data.sources.make_source` reads (labels on)."""
+    fields = {k: real[k] for k in ('source', 'path', 'tfds_name', 'split', 'resolution')}
+    return ml_collections.ConfigDict(dict(fields, use_labels=True))
+
+
+def load_real(real) -> tuple[np.ndarray, np.ndarray, object]:
+    """All images uint8 (N, R, R, C) and labels int32 (N,) of the data config ``real``, and its DatasetInfo."""
+    from jaxdiff.data.sources import ArraySource, make_source
+    source, info = make_source(_real_config(real))
+    inner = source.source
+    if isinstance(inner, ArraySource) and inner.images.shape[1] == info.resolution:
+        images, labels = np.asarray(inner.images), np.asarray(inner.labels, np.int32)
+    else:
+        items = [source[i] for i in range(len(source))]
+        images = np.stack([it['image'] for it in items])
+        labels = np.asarray([it['label'] for it in items], np.int32)
+    if info.num_classes < 2:
+        raise ValueError(f'data.real.source={real.source!r} has {info.num_classes} classes: adversarial training '
+                         'needs a labelled dataset with at least 2 classes')
+    return images, labels, info
+
+
+def load_generated(folder: str, image_shape: tuple, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """images uint8 (M, H, W, C), labels int32 (M,) of a sample.py folder, checked against the real data."""
+    from jaxdiff.sampling.shards import load_samples
+    try:
+        data = load_samples(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'data.generated={folder!r}: no such folder; write one with python sample.py '
+                                '--out DIR (class-conditional), or set --config.generated_fraction=0 to train on '
+                                'real data only') from None
+    images, labels = data['images'], data['labels'].astype(np.int32)
+    if images.shape[1:] != tuple(image_shape):
+        raise ValueError(f'data.generated={folder!r} holds {images.shape[1:]} images but the real data is '
+                         f'{tuple(image_shape)}; sample at the real data\'s resolution and channels')
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f'data.generated={folder!r} has labels outside 0..{num_classes - 1} (-1 marks '
+                         'unconditional samples): adversarial training needs class-conditional samples')
+    return images, labels
+
+
+def load(config) -> AdvData:
+    """The real train set minus the held-out slice, the generated samples (if any) and the slice."""
+    images, labels, info = load_real(config.data.real)
+    held = int(config.eval.size)
+    if held >= len(images):
+        raise ValueError(f'eval.size={held} leaves no training data ({len(images)} real examples); lower it')
+    gen_images = gen_labels = None
+    if config.generated_fraction > 0:
+        gen_images, gen_labels = load_generated(config.data.generated, images.shape[1:], info.num_classes)
+    info = info._replace(size=len(images) - held)
+    return AdvData(images[held:], labels[held:], gen_images, gen_labels, images[:held], labels[:held], info)
+
+
+def split_counts(batch_size: int, generated_fraction: float) -> tuple[int, int]:
+    """(n_real, n_generated) per batch: n_generated = floor(B * fraction) (the reference's int())."""
+    n_gen = int(math.floor(batch_size * generated_fraction + 1e-9))
+    return batch_size - n_gen, n_gen
+
+
+def steps_per_epoch(batch_size: int, n_real: int, n_generated: int) -> int:
+    """ceil((n_real + n_generated) / B), the reference's epoch (its dataset_size counts both)."""
+    return -(-(n_real + n_generated) // batch_size)
+
+
+class Stream:
+    """Positions ``[step * n, (step + 1) * n)`` of an endless sequence of seeded permutations of range(size)."""
+
+    def __init__(self, size: int, per_step: int, seed: int, stream: int):
+        self.size, self.per_step, self.seed, self.stream = size, per_step, seed, stream
+        self._cache: dict[int, np.ndarray] = {}
+
+    def permutation(self, p: int) -> np.ndarray:
+        """Pass ``p``'s order of range(size) (int64)."""
+        if p not in self._cache:
+            if len(self._cache) > 2:
+                self._cache.pop(min(self._cache))
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.stream, p]))
+            self._cache[p] = rng.permutation(self.size)
+        return self._cache[p]
+
+    def indices(self, step: int) -> np.ndarray:
+        """The dataset indices (int64 (per_step,)) of ``step``."""
+        if self.per_step == 0:
+            return np.zeros(0, np.int64)
+        pos = np.arange(step * self.per_step, (step + 1) * self.per_step, dtype=np.int64)
+        passes, within = pos // self.size, pos % self.size
+        out = np.empty_like(pos)
+        for p in np.unique(passes):
+            sel = passes == p
+            out[sel] = self.permutation(int(p))[within[sel]]
+        return out
+
+
+class MixedBatches:
+    """The batches of a run: ``batch(step)`` -> {image uint8 (B, H, W, C), label int32 (B,), generated bool (B,)},
+    the real examples first, then the generated ones (order within a batch does not change the loss)."""
+
+    def __init__(self, data: AdvData, batch_size: int, generated_fraction: float, seed: int):
+        n_real, n_gen = split_counts(batch_size, generated_fraction if data.gen_images is not None else 0.0)
+        self.data, self.batch_size, self.n_real, self.n_gen = data, batch_size, n_real, n_gen
+        self.real = Stream(len(data.real_labels), n_real, seed, REAL)
+        n_generated = 0 if data.gen_labels is None else len(data.gen_labels)
+        self.gen = Stream(max(n_generated, 1), n_gen, seed, GENERATED)
+        self.steps_per_epoch = steps_per_epoch(batch_size, len(data.real_labels), n_generated if n_gen else 0)
+
+    def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(real indices (n_real,), generated indices (n_gen,)) of ``step``."""
+        return self.real.indices(step), self.gen.indices(step)
+
+    def batch(self, step: int, rows: Optional[slice] = None) -> dict[str, np.ndarray]:
+        """The global batch of ``step`` (or its ``rows``, this process's share)."""
+        r, g = self.indices(step)
+        d = self.data
+        images = [d.real_images[r]]
+        labels = [d.real_labels[r]]
+        if self.n_gen:
+            images.append(d.gen_images[g])
+            labels.append(d.gen_labels[g])
+        out = dict(image=np.concatenate(images), label=np.concatenate(labels).astype(np.int32),
+                   generated=np.arange(self.batch_size) >= self.n_real)
+        return {k: v[rows] for k, v in out.items()} if rows is not None else out
+
+    def state(self, step: int) -> dict:
+        """The JSON data-stream state saved with a checkpoint (the batches are a function of these)."""
+        return dict(step=int(step), n_real=int(len(self.data.real_labels)),
+                    n_generated=int(0 if self.data.gen_labels is None else len(self.data.gen_labels)),
+                    n_real_per_batch=self.n_real, n_generated_per_batch=self.n_gen)
+
+
+def augment(key: jax.Array, x: jax.Array, padding: int, hflip: bool) -> jax.Array:
+    """The reference's 'base' augmentation on device: random crop after zero-padding ``padding`` pixels on each
+    side (torchvision RandomCrop(size, padding)), then a horizontal flip with probability 1/2. x (B, H, W, C)."""
+    k_y, k_x, k_f = jax.random.split(key, 3)
+    b, h, w, c = x.shape
+    if padding > 0:
+        p = padding
+        padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        oy = jax.random.randint(k_y, (b,), 0, 2 * p + 1)
+        ox = jax.random.randint(k_x, (b,), 0, 2 * p + 1)
+        x = jax.vmap(lambda img, i, j: jax.lax.dynamic_slice(img, (i, j, 0), (h, w, c)))(padded, oy, ox)
+    if hflip:
+        flip = jax.random.bernoulli(k_f, 0.5, (b,))
+        x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    return x
