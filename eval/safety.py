@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.cli import fail
+from jaxdiff.cli import fail, text_table
 
 MIXTURE_UNSAFE = (0, 1)
 DIGITS_TARGET_DROP = 5.0     # the unsafe share must fall at least this many times ...
@@ -73,15 +73,6 @@ def _select(methods: list[Method], names: Optional[Sequence[str]]) -> list[Metho
     if unknown:
         raise ValueError(f'unknown method(s) {", ".join(unknown)}; this task has {", ".join(known)}')
     return [m for m in methods if m.name == 'none' or m.name in names]
-
-
-def _table(rows: list[dict], columns: Sequence[str]) -> str:
-    """Fixed-width text table of ``rows``' ``columns`` (floats to 3 decimals)."""
-    cells = [[f'{r[c]:.3f}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ['  '.join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ['  '.join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return '\n'.join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- mixture
@@ -342,7 +333,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f.write(line + '\n')
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _fail(str(e), 1)
-    log(_table(result['rows'], columns))
+    log(text_table(result['rows'], columns))
     print(line, flush=True)
     return 0
 

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.cli import fail
+from jaxdiff.cli import fail, text_table
 
 PROG = 'eval.watermark'
 NOISE_STDS = (0.02, 0.05, 0.1)       # --perturb: Gaussian noise std, images in [0, 1]
@@ -205,13 +205,6 @@ def run_trigger(run_dir: str, base: Optional[str], num_samples: int, log: Callab
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-def _table(rows: list[dict], columns: Sequence[str]) -> str:
-    cells = [[f'{r[c]:.4f}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    return '\n'.join(['  '.join(c.ljust(w) for c, w in zip(columns, widths))]
-                     + ['  '.join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         fail(PROG, message, 2)
@@ -282,7 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             write_json(args.json, result)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
         fail(PROG, str(e), 1)
-    log(_table(rows, columns))
+    log(text_table(rows, columns, 4))
     print(line, flush=True)
     return result
 

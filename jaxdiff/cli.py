@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
 
 def fail(prog: str, message: str, code: int) -> None:
@@ -38,3 +39,12 @@ def quiet_checkpoint_echoes() -> None:
             excepthook(exc_type, exc, tb)
 
     sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[str], decimals: int = 3) -> str:
+    """Fixed-width text table of ``rows``' ``columns`` (floats to ``decimals`` places), header first."""
+    cells = [[f'{r[c]:.{decimals}f}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    return '\n'.join(['  '.join(c.ljust(w) for c, w in zip(columns, widths))]
+                     + ['  '.join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])
+
