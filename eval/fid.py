@@ -16,7 +16,6 @@ command-line errors).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from jaxdiff.cli import fail
+from jaxdiff.cli import argument_parser, fail
 
 EDM_SEED_RANGES = ((0, 49_999), (50_000, 99_999), (100_000, 149_999))
 DATASETS = {'digits': 'digits_classifier', 'fashion_mnist': 'fashion_mnist_classifier'}
@@ -175,15 +174,10 @@ def _fail(message: str, code: int) -> None:
     fail('eval.fid', message, code)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        _fail(message, 2)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (see the module docstring)."""
     from jaxdiff.metrics.features import names
-    ap = _Parser(prog='python -m eval.fid', description=__doc__.splitlines()[0])
+    ap = argument_parser('eval.fid', __doc__.splitlines()[0])
     ap.add_argument('--samples', required=True, help='sample folder, image folder, .npz, dataset split or noise')
     ap.add_argument('--ref', required=True, help='reference: dataset split, folder, .npz of images or of mu/sigma')
     ap.add_argument('--features', default='inception', choices=names(), help='feature extractor')

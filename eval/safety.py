@@ -32,7 +32,6 @@ Errors end with one ``eval.safety: error:`` line on stderr and exit code 1 (2 fo
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -43,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.cli import fail, text_table
+from jaxdiff.cli import argument_parser, fail, text_table
 
 MIXTURE_UNSAFE = (0, 1)
 DIGITS_TARGET_DROP = 5.0     # the unsafe share must fall at least this many times ...
@@ -288,14 +287,9 @@ def _fail(message: str, code: int) -> None:
     fail('eval.safety', message, code)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        _fail(message, 2)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (see the module docstring)."""
-    ap = _Parser(prog='python -m eval.safety', description=__doc__.splitlines()[0])
+    ap = argument_parser('eval.safety', __doc__.splitlines()[0])
     ap.add_argument('--task', choices=('mixture', 'digits'), default='mixture', help='2-D oracle or a digits model')
     ap.add_argument('--out', default='out/safety', help='folder for the JSON and PNG')
     ap.add_argument('--num_samples', type=int, default=None, help='samples per method (mixture 4000, digits 1000)')

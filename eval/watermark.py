@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.cli import fail, text_table
+from jaxdiff.cli import argument_parser, fail, json_line, text_table
 
 PROG = 'eval.watermark'
 NOISE_STDS = (0.02, 0.05, 0.1)       # --perturb: Gaussian noise std, images in [0, 1]
@@ -205,13 +205,8 @@ def run_trigger(run_dir: str, base: Optional[str], num_samples: int, log: Callab
 
 # ----------------------------------------------------------------------------------------------- CLI
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        fail(PROG, message, 2)
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = _Parser(prog=f'python -m {PROG}', description=__doc__.splitlines()[0])
+    p = argument_parser(PROG, __doc__.splitlines()[0])
     p.add_argument('--decoder', help='codec run directory (python watermark.py train_codec)')
     p.add_argument('--samples', help='images to decode: sample folder, image folder, .npz, digits[:split]')
     p.add_argument('--bits', help='the embedded bit string, e.g. 1100...')
@@ -268,11 +263,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                           args.seed, log)
                 rows, columns = result['rows'], ('weight_noise', 'bit_acc', 'all_bits', 'fd', 'seconds')
         result['seconds'] = round(time.time() - begin, 1)
-        line = json.dumps(result)
-        if args.json:
-            from jaxdiff.files import write_json
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            write_json(args.json, result)
+        line = json_line(result, args.json)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
         fail(PROG, str(e), 1)
     log(text_table(rows, columns, 4))

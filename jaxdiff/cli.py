@@ -1,6 +1,7 @@
 """What every command-line entry point shares: ending with one clear error line, without library noise after it."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Sequence
@@ -47,4 +48,26 @@ def text_table(rows: Sequence[dict], columns: Sequence[str], decimals: int = 3) 
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     return '\n'.join(['  '.join(c.ljust(w) for c, w in zip(columns, widths))]
                      + ['  '.join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])
+
+
+def argument_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser for ``python -m <prog>`` whose usage errors end as one ``<prog>: error:`` line (exit 2)
+    instead of argparse's usage dump."""
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> None:
+            fail(prog, message, 2)
+
+    return Parser(prog=f'python -m {prog}', description=description)
+
+
+def json_line(result: dict, path: str | None = None) -> str:
+    """``result`` as one JSON line (the last stdout line of every eval command), also written to ``path`` (its
+    folder created) when given."""
+    import json
+    if path:
+        from jaxdiff.files import write_json
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_json(path, result)
+    return json.dumps(result)
 
