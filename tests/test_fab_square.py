@@ -14,26 +14,17 @@ import jax.numpy as jnp
 from jaxdiff.robust import autoattack as aa_mod
 from jaxdiff.robust import fab as fab_mod
 from jaxdiff.robust import square as sq_mod
+from test_attacks import mlp
+from test_attacks import mlp_data as _mlp_data
 
 EPS_TOL = 1e-5  # float32 slack on ||x_adv - x|| <= eps
 
 
 # --- models ---------------------------------------------------------------------------------------------------
 
-def mlp(seed=1, k=10):
-    """A fixed random 2-layer MLP on 8x8x1 inputs."""
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    w1 = jax.random.normal(k1, (64, 32))
-    b1 = jax.random.normal(k3, (32,))
-    w2 = jax.random.normal(k2, (32, k)) * 0.7
-    return lambda x: jnp.sin(x.reshape(x.shape[0], -1) @ w1 + b1) @ w2
-
-
-def mlp_data(f, n=24, seed=2, n_wrong=3):
-    """Inputs in [0, 1]; labels = the model's predictions except the first n_wrong, which are made wrong."""
-    x = jax.random.uniform(jax.random.key(seed), (n, 8, 8, 1))
-    y = jnp.argmax(f(x), -1)
-    return x, y.at[:n_wrong].set((y[:n_wrong] + 1) % 10)
+def mlp_data(f, n=24, n_wrong=3):
+    """test_attacks' inputs and labels at this file's batch size."""
+    return _mlp_data(f, n=n, n_wrong=n_wrong)
 
 
 def sizes(v, norm):

@@ -49,8 +49,8 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.robust.apgd import target_classes
-from jaxdiff.robust.pgd import LogitsFn, _per_sample, check_norm, lp_norm, normalize
+from jaxdiff.robust.apgd import reference_start, target_classes
+from jaxdiff.robust.pgd import LogitsFn, _per_sample, check_norm, lp_norm
 
 # Constants of the reference (fab_base.FABAttack).
 ALPHA_MAX = 0.1     # cap on the weight of the step from the clean point
@@ -191,13 +191,9 @@ def nearest_plane(logits_fn: LogitsFn, y: jax.Array, norm: str) -> PlaneFn:
 # --- one run ---------------------------------------------------------------------------------------------------
 
 def fab_start(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
-    """FAB's random start: x + (eps / 2) t / ||t|| with t ~ U[-1, 1]^d (Linf) or N(0, I) (L2), clipped to [0, 1].
-    (B, ...) -> (B, ...)."""
-    if norm == 'Linf':
-        t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
-    else:
-        t = jax.random.normal(key, x.shape, x.dtype)
-    return jnp.clip(x + START_SCALE * _per_sample(eps, x) * normalize(t, norm), 0.0, 1.0)
+    """FAB's random start: APGD's (:func:`jaxdiff.robust.apgd.reference_start`) at distance START_SCALE * eps,
+    x + (eps / 2) t / ||t|| clipped to [0, 1]. (B, ...) -> (B, ...)."""
+    return reference_start(key, x, START_SCALE * jnp.asarray(eps, x.dtype), norm)
 
 
 def fab_run(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, plane: PlaneFn, x_start: jax.Array, *,
