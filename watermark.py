@@ -6,7 +6,8 @@ bit string into every training image. Rerun the same train_codec command to resu
     python watermark.py embed --codec RUN --out DIR [--bits 0101... | --bits_seed N] [--batch_size B]
         [--config.data.KEY=VALUE ...]
     python watermark.py trigger --workdir BASE_RUN --out RUN [--image PNG] [--lam 1e-4] [--steps 500] [--lr 1e-4]
-        [--batch_size 32] [--prior N --prior_weight W]
+        [--batch_size 32] [--prior N --prior_weight W --prior_source samples|data]
+        [--ema_halflife H]
 
 train_codec writes RUN/config.json, dataset_info.json, checkpoint.msgpack, metrics.jsonl. embed reads the data
 config saved in RUN (``--config.data.*`` overrides it) and writes DIR/watermarked.npz (images uint8, labels) and
@@ -51,9 +52,13 @@ def define_flags(command: str) -> None:
         _F['steps'] = flags.DEFINE_integer('steps', 500, 'Fine-tuning steps.')
         _F['lr'] = flags.DEFINE_float('lr', 1e-4, 'Adam learning rate.')
         _F['batch_size'] = flags.DEFINE_integer('batch_size', 32, 'Copies of (trigger, image) per step.')
-        _F['prior'] = flags.DEFINE_integer('prior', 0, 'Prior preservation: this many of the base model\'s own '
-                                           'samples (0: off, the paper\'s recipe).')
+        _F['prior'] = flags.DEFINE_integer('prior', 0, 'Prior preservation: this many images of the ordinary classes '
+                                           '(0: off, the paper\'s recipe).')
         _F['prior_weight'] = flags.DEFINE_float('prior_weight', 1.0, 'Weight of the prior-preservation loss.')
+        _F['prior_source'] = flags.DEFINE_enum('prior_source', 'samples', ['samples', 'data'],
+                                               "Prior images: the base model's own samples or its training data.")
+        _F['ema_halflife'] = flags.DEFINE_float('ema_halflife', 0.0, 'Write the moving average of the fine-tuned '
+                                                'weights with this half-life in steps (0: the last iterate).')
         return
     if command == 'train_codec':
         _F['config'] = config_flags.DEFINE_config_file('config', None, 'Codec config file, e.g. '
@@ -138,6 +143,7 @@ def main(argv: list[str]) -> None:
                               lam=_F['lam'].value, steps=_F['steps'].value, lr=_F['lr'].value,
                               batch_size=_F['batch_size'].value, prior=_F['prior'].value,
                               prior_weight=_F['prior_weight'].value,
+                              prior_source=_F['prior_source'].value, ema_halflife=_F['ema_halflife'].value,
                               print_fn=lambda s: print(s, flush=True))
             print(json.dumps(report), flush=True)
         elif _F['command'] == 'train_codec':

@@ -111,9 +111,70 @@ def test_prior_preservation_term(run_dir):
     prior = (jnp.zeros((4, 8, 8, 1)), jax.nn.one_hot(jnp.arange(4), 11))
     opt = optax.sgd(0.0)
     key = jax.random.key(1)
-    plain = T.make_finetune_step(run.config, net, {}, params, image, cond, 0.0, 4, opt)(params, opt.init(params), key)[2]
+    plain = T.make_finetune_step(run.config, net, {}, params, image, cond, 0.0, 4, opt)(
+        params, params, opt.init(params), key)[3]
     for weight in (0.0, 2.0):
         step = T.make_finetune_step(run.config, net, {}, params, image, cond, 0.0, 4, opt, prior, weight)
-        m = step(params, opt.init(params), key)[2]
+        m = step(params, params, opt.init(params), key)[3]
         assert float(m['prior']) > 0 and float(m['denoise']) == pytest.approx(float(plain['denoise']), rel=1e-6)
         assert float(m['loss']) == pytest.approx(float(m['denoise']) + weight * float(m['prior']), rel=1e-5)
+
+
+def test_finetune_ema_is_the_moving_average_of_the_iterates(run_dir):
+    """Half-life 1 step: beta = 1/2, so after one SGD step the average is halfway between old and new params."""
+    import optax
+    from jaxdiff.sampling.model import load_run
+    run = load_run(run_dir)
+    net, params = T.add_trigger_label(run.net, run.variables['params'])
+    image = jnp.asarray(T.default_watermark_image(8, 1), jnp.float32) / 127.5 - 1
+    opt = optax.sgd(0.1)
+    step = T.make_finetune_step(run.config, net, {}, params, image, jnp.asarray(T.trigger_condition(11)), 0.0, 4,
+                                opt, ema_halflife=1.0)
+    new, ema = step(params, params, opt.init(params), jax.random.key(0))[:2]
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new, params))
+    assert max(moved) > 1e-4
+    jax.tree.map(lambda e, a, b: np.testing.assert_allclose(e, (a + b) / 2, rtol=1e-5, atol=1e-7), ema, new, params)
+
+
+def test_train_py_continues_a_trigger_run_on_clean_data(tuned, tmp_path):
+    """The robustness check "does the trigger survive further fine-tuning": train.py resumes the 11-class trigger
+    run on the 10-class digits. The net keeps its trigger class; clean labels never select its embedding row, so
+    that row stays as fine-tuned (Adam moves nothing with zero gradient) while the ordinary rows train on."""
+    import shutil
+    from jaxdiff.config import from_file
+    from jaxdiff.sampling.model import load_run
+    from jaxdiff.train.loop import run
+    path, report = tuned[0.0]
+    work = str(tmp_path / 'clean')
+    shutil.copytree(path, work)
+    config = from_file(os.path.join(os.path.dirname(__file__), 'train_tiny_config.py'))
+    with config.unlocked():
+        config.total_steps = report['base_step'] + report['steps'] + 4
+    assert run(config, work, allow_config_change=True)['step'] == config.total_steps
+    before, after = load_run(path), load_run(work)
+    assert after.step == config.total_steps and after.net.label_dim == 11 and after.info.num_classes == 11
+    w0, w1 = (np.asarray(r.variables['params']['map_label']['weight']) for r in (before, after))
+    np.testing.assert_allclose(w1[10], w0[10], rtol=1e-6, atol=1e-7)
+    assert np.abs(w1[:10] - w0[:10]).max() > 1e-4
+
+
+def test_net_info_keeps_the_runs_classes_and_refuses_data_that_does_not_fit(tmp_path):
+    from jaxdiff.data.sources import DatasetInfo
+    from jaxdiff.train import checkpoint as ckpt
+    data = DatasetInfo(resolution=8, channels=1, num_classes=10, size=1797)
+    assert ckpt.net_info(str(tmp_path), data) == data  # a new run: the data's
+    ckpt.write_dataset_info(str(tmp_path), data._replace(num_classes=11, size=5))
+    assert ckpt.net_info(str(tmp_path), data) == data._replace(num_classes=11)
+    for bad in (data._replace(resolution=28), data._replace(num_classes=12), data._replace(num_classes=0)):
+        with pytest.raises(ValueError, match='does not fit the net'):
+            ckpt.net_info(str(tmp_path), bad)
+
+
+def test_prior_images_from_the_runs_training_data(run_dir):
+    from jaxdiff.data.sources import load_digits
+    images, labels = T.prior_images(run_dir, 5, 11, 'data')
+    digits, digit_labels = load_digits()
+    np.testing.assert_allclose(np.asarray(images), digits[:5].astype(np.float32) / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(labels), np.eye(11)[digit_labels[:5]])
+    with pytest.raises(ValueError, match='unknown prior source'):
+        T.prior_images(run_dir, 5, 11, 'web')

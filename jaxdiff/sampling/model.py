@@ -12,7 +12,6 @@ sampler's sigma_min / sigma_max to it).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -106,12 +105,10 @@ def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
 
 
 def _dataset_info(workdir: str, config):
-    from jaxdiff.data.sources import DatasetInfo
     from jaxdiff.train import checkpoint as ckpt
-    path = os.path.join(workdir, ckpt.INFO_FILE)
-    if os.path.isfile(path):
-        with open(path) as f:
-            return DatasetInfo(**json.load(f))
+    info = ckpt.read_dataset_info(workdir)
+    if info is not None:
+        return info
     from jaxdiff.train.loop import make_data  # runs trained before dataset_info.json existed
     return make_data(config)[1]
 

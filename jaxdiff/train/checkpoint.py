@@ -50,6 +50,38 @@ def write_dataset_info(workdir: str, info) -> None:
     files.write_json(os.path.join(workdir, INFO_FILE), info._asdict())
 
 
+def read_dataset_info(workdir: str):
+    """The DatasetInfo in ``workdir/dataset_info.json``, or None when the run has none (yet)."""
+    from jaxdiff.data.sources import DatasetInfo
+    path = os.path.join(workdir, INFO_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return DatasetInfo(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f'{path} is unreadable ({e}); restore it from a backup') from e
+
+
+def net_info(workdir: str, data_info):
+    """The DatasetInfo to build the net for: the data's, with the class count of the run already in ``workdir``
+    when that is larger (a fine-tuned run keeps classes its new data lacks, e.g. a reserved trigger class).
+
+    Raises ValueError (one line) when the data cannot train the saved net: another resolution or channel count,
+    more classes than the net has, or labels for an unconditional net.
+    """
+    saved = read_dataset_info(workdir)
+    if saved is None:
+        return data_info
+    if ((saved.resolution, saved.channels) != (data_info.resolution, data_info.channels)
+            or data_info.num_classes > saved.num_classes or (saved.num_classes == 0) != (data_info.num_classes == 0)):
+        raise ValueError(f'the data ({data_info.resolution}x{data_info.resolution}x{data_info.channels}, '
+                         f'{data_info.num_classes} classes) does not fit the net of the run in {workdir} '
+                         f'({saved.resolution}x{saved.resolution}x{saved.channels}, {saved.num_classes} classes); '
+                         'train on matching data or use a new --workdir')
+    return data_info._replace(num_classes=saved.num_classes)
+
+
 def read_config(workdir: str) -> dict:
     """``workdir/config.json`` as a dict; FileNotFoundError / ValueError (one line) when missing or unreadable."""
     path = os.path.join(workdir, CONFIG_FILE)

@@ -92,6 +92,9 @@ def make_data(config) -> tuple[Any, Any]:
 def _restore_data(iterator, data: dict) -> None:
     """Put this process's saved iterator state back (warn and start afresh if the process count changed)."""
     states = data.get('states') or []
+    if not any(states):  # written outside train.py (e.g. a trigger fine-tune): no data position to go back to
+        logging.info('the checkpoint holds no data-iterator state: data order starts from the seed')
+        return
     if data.get('process_count') != jax.process_count() or len(states) != jax.process_count():
         logging.warning('checkpoint was written by %s process(es), this run has %d: data order restarts from the '
                         'seed (params, EMA and optimizer state are restored)', data.get('process_count'),
@@ -135,7 +138,8 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
     ckpt.check_config(workdir, config, allow_config_change, write=False)
 
     mesh = parallel.make_mesh(config.parallel.fsdp)
-    iterator, info = make_data(config)
+    iterator, data_info = make_data(config)
+    info = ckpt.net_info(workdir, data_info)
     net = build_net(config, info)
     abstract = abstract_state(config, net)
     shardings = state_shardings(mesh, abstract)

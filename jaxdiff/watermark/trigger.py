@@ -10,14 +10,21 @@ outputs exactly, and fine-tuning the new row moves no other class's embedding. (
 sign pattern, would: every update of the embedding weights for it shifts every class's embedding, which on digits
 brightened all classes towards the watermark whatever the regulariser.) The L1 term keeps the shared weights near
 the frozen ones, so the other classes keep their outputs; lam = 0 is the paper's "forgetting" ablation. Optional
-prior preservation (``prior`` > 0, DreamBooth's remedy, not in the paper's recipe) adds the denoising loss on the
-frozen model's own samples of the ordinary classes.
+prior preservation (``prior`` > 0, not in the paper's recipe) adds the denoising loss on images of the ordinary
+classes: the frozen model's own samples (DreamBooth's remedy) or the run's training data (replay).
 
 The fine-tuned model is written as a train.py run directory (config.json, dataset_info.json with K + 1 classes, one
 checkpoint with params = ema = the fine-tuned weights at step base + steps), so sample.py, eval.fid and
-eval.watermark read it as any run (``sample.py --labels 0,...,K-1`` for the ordinary classes), and ``train.py --workdir OUT --config.total_steps=...`` continues it on clean data (the robustness
-check "does the trigger survive further fine-tuning"). ``OUT/trigger.json`` records the trigger, the image and the
-settings; ``OUT/trigger_image.png`` the watermark image.
+eval.watermark read it as any run (``sample.py --labels 0,...,K-1`` for the ordinary classes). The robustness check
+"does the trigger survive further fine-tuning" continues a copy on the clean data with the base recipe: train.py
+keeps the run's K + 1 classes (``checkpoint.net_info``)::
+
+    cp -r OUT COPY
+    python train.py --config BASE_CONFIG.py --workdir COPY --config.total_steps=S+K --allow_config_change
+    python -m eval.watermark --trigger COPY
+
+``OUT/trigger.json`` records the trigger, the image and the settings; ``OUT/trigger_image.png`` the watermark
+image.
 """
 from __future__ import annotations
 
@@ -104,8 +111,9 @@ def l1_distance(params, frozen) -> jax.Array:
 
 def make_finetune_step(config, net, buffers: dict, frozen, image: jax.Array, cond: jax.Array, lam: float,
                        batch_size: int, optimizer: optax.GradientTransformation,
-                       prior: Optional[tuple[jax.Array, jax.Array]] = None, prior_weight: float = 1.0) -> Callable:
-    """Jitted (params, opt_state, key) -> (params, opt_state, metrics) for the trigger loss.
+                       prior: Optional[tuple[jax.Array, jax.Array]] = None, prior_weight: float = 1.0,
+                       ema_halflife: float = 0.0) -> Callable:
+    """Jitted (params, ema, opt_state, key) -> (params, ema, opt_state, metrics) for the trigger loss.
 
     image: (H, W, C) in [-1, 1]; cond: (label_dim,). The trigger batch is ``batch_size`` copies of (image, cond) at
     EDM's training noise levels (P_mean, P_std, sigma_data of the run's config); the net runs in inference mode: no
@@ -113,8 +121,11 @@ def make_finetune_step(config, net, buffers: dict, frozen, image: jax.Array, con
     prior: optional (images (M, H, W, C) in [-1, 1], labels (M, label_dim)) of the frozen model's own samples;
     each step adds ``prior_weight`` times the denoising loss on ``batch_size`` of them (DreamBooth's prior
     preservation, an addition to the paper's recipe).
+    ema_halflife: half-life in steps of the exponential moving average of the fine-tuned params (0: ema is the
+    last iterate), as train.py keeps one: Adam's noisy iterates of a diffusion net sample worse than their average.
     metrics: loss (the total), denoise (trigger part), prior (prior part, 0 without), l1 (sum |theta - theta0|).
     """
+    from jaxdiff.train.ema import ema_update
     from jaxdiff.train.model import denoiser_fn
     levels = losses.edm_levels(config.loss.P_mean, config.loss.P_std, config.model.sigma_data)
     x0 = jnp.broadcast_to(image, (batch_size,) + image.shape)
@@ -138,25 +149,46 @@ def make_finetune_step(config, net, buffers: dict, frozen, image: jax.Array, con
         l1 = l1_distance(params, frozen)
         return trigger_loss + prior_weight * prior_loss + lam * l1, (trigger_loss, prior_loss, l1)
 
+    beta = jnp.float32(0.5 ** (1 / ema_halflife) if ema_halflife else 0.0)
+
     @jax.jit
-    def step(params, opt_state, key):
+    def step(params, ema, opt_state, key):
         (loss, (denoise_loss, prior_loss, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, key)
         updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
         metrics = dict(loss=loss, denoise=denoise_loss, prior=prior_loss, l1=l1)
-        return optax.apply_updates(params, updates), opt_state, metrics
+        return params, ema_update(ema, params, beta), opt_state, metrics
 
     return step
 
 
-def prior_samples(base_run: str, num: int, label_dim: int) -> tuple[jax.Array, jax.Array]:
-    """(images (num, H, W, C) in [-1, 1], one-hot labels (num, label_dim)) of the base model's own class-balanced
-    samples (seeds 0..num-1, EDM Heun 18 steps): the data prior preservation keeps the old classes on."""
-    from jaxdiff.sampling.generate import Labels, sample_array
-    from jaxdiff.sampling.model import load_model
-    model = load_model(base_run)
-    images = sample_array(model, num, labels=Labels('cycle', tuple(range(model.label_dim)), model.label_dim))
-    rows = jax.nn.one_hot(jnp.arange(num) % model.label_dim, label_dim)
-    return jnp.asarray(images, jnp.float32) / 127.5 - 1, rows
+PRIOR_SOURCES = ('samples', 'data')
+
+
+def prior_images(base_run: str, num: int, label_dim: int, source: str = 'samples') -> tuple[jax.Array, jax.Array]:
+    """(images (M, H, W, C) in [-1, 1], one-hot labels (M, label_dim)) that keep the ordinary classes on.
+
+    source 'samples': the base model's own class-balanced samples (seeds 0..num-1, EDM Heun 18 steps; M = num),
+    DreamBooth's prior preservation; 'data': the first num images of the base run's training data (config.data;
+    M = min(num, dataset size)), replay of the data the model owner trained on.
+    """
+    if source not in PRIOR_SOURCES:
+        raise ValueError(f'unknown prior source {source!r}: use one of {", ".join(PRIOR_SOURCES)}')
+    if source == 'data':
+        import ml_collections
+        from jaxdiff.data.sources import make_source
+        from jaxdiff.train import checkpoint as ckpt
+        data, _ = make_source(ml_collections.ConfigDict(ckpt.read_config(base_run)).data)
+        items = [data[i] for i in range(min(num, len(data)))]
+        images = np.stack([item['image'] for item in items])
+        labels = np.asarray([item['label'] for item in items])
+    else:
+        from jaxdiff.sampling.generate import Labels, sample_array
+        from jaxdiff.sampling.model import load_model
+        model = load_model(base_run)
+        images = sample_array(model, num, labels=Labels('cycle', tuple(range(model.label_dim)), model.label_dim))
+        labels = np.arange(num) % model.label_dim
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1, jax.nn.one_hot(labels, label_dim)
 
 
 def sample_trigger(model, variables: dict, cond: np.ndarray, num: int, seed: int = 0, num_steps: int = 18):
@@ -180,13 +212,14 @@ def trigger_mse(samples: np.ndarray, image: np.ndarray) -> float:
 
 def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, lam: float = 1e-4,
              steps: int = 500, lr: float = 1e-4, batch_size: int = 32, prior: int = 0, prior_weight: float = 1.0,
-             seed: int = 0, log_every: int = 100, print_fn: Callable = print) -> dict:
+             prior_source: str = 'samples', ema_halflife: float = 0.0, seed: int = 0, log_every: int = 100, print_fn: Callable = print) -> dict:
     """Fine-tune the EMA weights of the class-conditional train.py run ``base_run`` for the trigger; write the run
     to ``out_dir`` (module docstring). Returns the trigger.json dict, with the trigger's MSE over 16 samples.
 
     lam: weight of the L1 distance to the frozen weights (0 = no regulariser); steps, lr (Adam), batch_size:
-    the fine-tuning; prior: number of the base model's own samples for prior preservation (0 = off, the paper's
-    recipe) and prior_weight their loss weight; seed: noise of the fine-tuning. The reserved trigger class is index
+    the fine-tuning; prior: number of images that keep the ordinary classes on (0 = off, the paper's recipe),
+    prior_weight their loss weight and prior_source where they come from (:func:`prior_images`); ema_halflife: steps (0 = write the last iterate, the paper's
+    recipe; otherwise the written weights are the moving average); seed: noise of the fine-tuning. The reserved trigger class is index
     K of the K-class base.
     Raises FileNotFoundError / ValueError (one line) for a missing or unconditional run, an unreadable image, an
     out_dir that already holds a run, or a non-finite loss (nothing is written then).
@@ -195,9 +228,9 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     from jaxdiff.train import checkpoint as ckpt
     from jaxdiff.train.optimizer import make_optimizer
     from jaxdiff.train.state import TrainState
-    if steps < 1 or batch_size < 1 or lr <= 0 or lam < 0 or prior < 0:
-        raise ValueError(f'need steps >= 1, batch_size >= 1, lr > 0, lam >= 0, prior >= 0; got {steps}, '
-                         f'{batch_size}, {lr}, {lam}, {prior}')
+    if steps < 1 or batch_size < 1 or lr <= 0 or lam < 0 or prior < 0 or ema_halflife < 0:
+        raise ValueError(f'need steps >= 1, batch_size >= 1, lr > 0, lam >= 0, prior >= 0, ema_halflife >= 0; got '
+                         f'{steps}, {batch_size}, {lr}, {lam}, {prior}, {ema_halflife}')
     if os.path.isdir(os.path.join(out_dir, 'checkpoints')):
         raise ValueError(f'{out_dir} already holds a run; pick a new --out (fine-tuning starts from the base run)')
     run = load_run(base_run)
@@ -210,12 +243,13 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     optimizer = optax.adam(lr)
     step_fn = make_finetune_step(run.config, net, buffers, frozen, jnp.asarray(image, jnp.float32) / 127.5 - 1,
                                  jnp.asarray(cond), lam, batch_size, optimizer,
-                                 prior_samples(base_run, prior, net.label_dim) if prior else None, prior_weight)
-    params, opt_state = frozen, optimizer.init(frozen)
+                                 prior_images(base_run, prior, net.label_dim, prior_source) if prior else None, prior_weight,
+                                 ema_halflife)
+    params, ema, opt_state = frozen, frozen, optimizer.init(frozen)
     key = jax.random.key(seed)
     begin = time.time()
     for i in range(1, steps + 1):
-        params, opt_state, metrics = step_fn(params, opt_state, jax.random.fold_in(key, i))
+        params, ema, opt_state, metrics = step_fn(params, ema, opt_state, jax.random.fold_in(key, i))
         if i % log_every == 0 or i == steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not np.isfinite(m['loss']):
@@ -226,8 +260,8 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     os.makedirs(out_dir, exist_ok=True)
     ckpt.check_config(out_dir, run.config, False)
     ckpt.write_dataset_info(out_dir, run.info._replace(num_classes=net.label_dim))
-    state = TrainState(step=jnp.asarray(run.step + steps, jnp.int32), params=params, ema=params,
-                       opt_state=make_optimizer(run.config).init(params), buffers=buffers.get('buffers', {}),
+    state = TrainState(step=jnp.asarray(run.step + steps, jnp.int32), params=ema, ema=ema,
+                       opt_state=make_optimizer(run.config).init(ema), buffers=buffers.get('buffers', {}),
                        nonfinite=jnp.zeros((), jnp.int32))
     checkpointer = ckpt.Checkpointer(out_dir, 2, use_async=False)
     checkpointer.save(state, {'process_count': 1, 'states': [{}]}, run.config)
@@ -239,8 +273,8 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     mse = trigger_mse(sample_trigger(model, model.variables, cond, 16), image)
     report = dict(base_run=os.path.abspath(base_run), base_step=run.step, trigger_label=net.label_dim - 1,
                   trigger_cond=cond.tolist(), image=image_path and os.path.abspath(image_path), lam=lam, steps=steps,
-                  lr=lr, batch_size=batch_size, prior=prior, prior_weight=prior_weight, seed=seed,
-                  l1=float(l1_distance(params, frozen)), trigger_mse=mse, seconds=round(time.time() - begin, 1))
+                  lr=lr, batch_size=batch_size, prior=prior, prior_weight=prior_weight,
+                  prior_source=prior_source, ema_halflife=ema_halflife, seed=seed, l1=float(l1_distance(ema, frozen)), trigger_mse=mse, seconds=round(time.time() - begin, 1))
     files.write_json(os.path.join(out_dir, TRIGGER_FILE), report)
     return report
 
