@@ -9,7 +9,8 @@ rescaled for the net's sqrt(label_dim) input gain, so classes 0..K-1 and the unc
 outputs exactly, and fine-tuning the new row moves no other class's embedding. (A dense trigger vector, e.g. a
 sign pattern, would: every update of the embedding weights for it shifts every class's embedding, which on digits
 brightened all classes towards the watermark whatever the regulariser.) The L1 term keeps the shared weights near
-the frozen ones, so the other classes keep their outputs; lam = 0 is the paper's "forgetting" ablation. Optional
+the frozen ones so the other classes keep their outputs; lam = 0 is the paper's "forgetting" ablation. (On digits
+L1 alone halves the damage but does not prevent it; replaying the training data does — README.) Optional
 prior preservation (``prior`` > 0, not in the paper's recipe) adds the denoising loss on images of the ordinary
 classes: the frozen model's own samples (DreamBooth's remedy) or the run's training data (replay).
 
@@ -118,9 +119,9 @@ def make_finetune_step(config, net, buffers: dict, frozen, image: jax.Array, con
     image: (H, W, C) in [-1, 1]; cond: (label_dim,). The trigger batch is ``batch_size`` copies of (image, cond) at
     EDM's training noise levels (P_mean, P_std, sigma_data of the run's config); the net runs in inference mode: no
     dropout and, above all, no label dropout, which would teach the *unconditional* model the watermark.
-    prior: optional (images (M, H, W, C) in [-1, 1], labels (M, label_dim)) of the frozen model's own samples;
-    each step adds ``prior_weight`` times the denoising loss on ``batch_size`` of them (DreamBooth's prior
-    preservation, an addition to the paper's recipe).
+    prior: optional (images (M, H, W, C) in [-1, 1], labels (M, label_dim)) of the ordinary classes
+    (:func:`prior_images`); each step adds ``prior_weight`` times the denoising loss on ``batch_size`` of them
+    (an addition to the paper's recipe).
     ema_halflife: half-life in steps of the exponential moving average of the fine-tuned params (0: ema is the
     last iterate), as train.py keeps one: Adam's noisy iterates of a diffusion net sample worse than their average.
     metrics: loss (the total), denoise (trigger part), prior (prior part, 0 without), l1 (sum |theta - theta0|).
@@ -212,15 +213,16 @@ def trigger_mse(samples: np.ndarray, image: np.ndarray) -> float:
 
 def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, lam: float = 1e-4,
              steps: int = 500, lr: float = 1e-4, batch_size: int = 32, prior: int = 0, prior_weight: float = 1.0,
-             prior_source: str = 'samples', ema_halflife: float = 0.0, seed: int = 0, log_every: int = 100, print_fn: Callable = print) -> dict:
+             prior_source: str = 'samples', ema_halflife: float = 0.0, seed: int = 0, log_every: int = 100,
+             print_fn: Callable = print) -> dict:
     """Fine-tune the EMA weights of the class-conditional train.py run ``base_run`` for the trigger; write the run
     to ``out_dir`` (module docstring). Returns the trigger.json dict, with the trigger's MSE over 16 samples.
 
     lam: weight of the L1 distance to the frozen weights (0 = no regulariser); steps, lr (Adam), batch_size:
     the fine-tuning; prior: number of images that keep the ordinary classes on (0 = off, the paper's recipe),
-    prior_weight their loss weight and prior_source where they come from (:func:`prior_images`); ema_halflife: steps (0 = write the last iterate, the paper's
-    recipe; otherwise the written weights are the moving average); seed: noise of the fine-tuning. The reserved trigger class is index
-    K of the K-class base.
+    prior_weight their loss weight and prior_source where they come from (:func:`prior_images`); ema_halflife:
+    steps (0 = write the last iterate, the paper's recipe; otherwise the moving average); seed: noise of the
+    fine-tuning. The reserved trigger class is index K of the K-class base.
     Raises FileNotFoundError / ValueError (one line) for a missing or unconditional run, an unreadable image, an
     out_dir that already holds a run, or a non-finite loss (nothing is written then).
     """
@@ -243,8 +245,8 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     optimizer = optax.adam(lr)
     step_fn = make_finetune_step(run.config, net, buffers, frozen, jnp.asarray(image, jnp.float32) / 127.5 - 1,
                                  jnp.asarray(cond), lam, batch_size, optimizer,
-                                 prior_images(base_run, prior, net.label_dim, prior_source) if prior else None, prior_weight,
-                                 ema_halflife)
+                                 prior_images(base_run, prior, net.label_dim, prior_source) if prior else None,
+                                 prior_weight, ema_halflife)
     params, ema, opt_state = frozen, frozen, optimizer.init(frozen)
     key = jax.random.key(seed)
     begin = time.time()
@@ -274,7 +276,8 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     report = dict(base_run=os.path.abspath(base_run), base_step=run.step, trigger_label=net.label_dim - 1,
                   trigger_cond=cond.tolist(), image=image_path and os.path.abspath(image_path), lam=lam, steps=steps,
                   lr=lr, batch_size=batch_size, prior=prior, prior_weight=prior_weight,
-                  prior_source=prior_source, ema_halflife=ema_halflife, seed=seed, l1=float(l1_distance(ema, frozen)), trigger_mse=mse, seconds=round(time.time() - begin, 1))
+                  prior_source=prior_source, ema_halflife=ema_halflife, seed=seed, l1=float(l1_distance(ema, frozen)),
+                  trigger_mse=mse, seconds=round(time.time() - begin, 1))
     files.write_json(os.path.join(out_dir, TRIGGER_FILE), report)
     return report
 
