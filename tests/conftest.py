@@ -40,6 +40,28 @@ def run_together(commands, env, cwd, timeout=240):
     return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
 
 
+def truncate_largest_file(step_dir) -> str:
+    """Cut the biggest file under a checkpoint step dir in half (a torn write); returns its path."""
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
+    path = max(files, key=os.path.getsize)
+    size = os.path.getsize(path)
+    with open(path, 'r+b') as f:
+        f.truncate(size // 2)
+    return path
+
+
+def snapshot(workdir) -> dict:
+    """{relative path: size} of every file under workdir except tb/ (the event writer may touch it)."""
+    out = {}
+    for d, _, files in os.walk(workdir):
+        for f in files:
+            path = os.path.join(d, f)
+            rel = os.path.relpath(path, workdir)
+            if not rel.startswith('tb'):
+                out[rel] = os.path.getsize(path)
+    return out
+
+
 def make_tiny_run(workdir: str, ema_offset: float = 0.0, step: int = 0) -> str:
     """A train.py-style run directory with one checkpoint of tests/train_tiny_config.py's random-init conditional
     net on digits (no training): config.json, dataset_info.json, checkpoints/<step>/. ``ema_offset`` is added to

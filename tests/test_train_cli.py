@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import free_port, run_together
+from conftest import free_port, run_together, snapshot, truncate_largest_file
 from jaxdiff.train import checkpoint as ckpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,16 +51,6 @@ def assert_one_line_error(result, code=1, match=''):
     assert result.stderr.rstrip().splitlines()[-1] == errors[0]
     assert match in errors[0], errors[0]
     return errors[0]
-
-
-def snapshot(workdir):
-    out = {}
-    for d, _, files in os.walk(workdir):
-        for f in files:
-            rel = os.path.relpath(os.path.join(d, f), workdir)
-            if not rel.startswith('tb'):
-                out[rel] = os.path.getsize(os.path.join(d, f))
-    return out
 
 
 def wait_for_checkpoint(proc, workdir, step, timeout=240):
@@ -160,13 +150,6 @@ def test_config_change_refused_unless_allowed(env, short_run, tmp_path):
     result = train(env, workdir, '--config.total_steps=30', '--allow_config_change')
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'resuming from step 20' in result.stdout and 'step 30/30' in result.stdout
-
-
-def truncate_largest_file(step_dir):
-    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs]
-    path = max(files, key=os.path.getsize)
-    with open(path, 'r+b') as f:
-        f.truncate(os.path.getsize(path) // 2)
 
 
 def test_corrupt_only_checkpoints_one_line_error_nothing_deleted(env, short_run, tmp_path):

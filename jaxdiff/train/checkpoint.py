@@ -281,6 +281,7 @@ class Checkpointer:
         """
         abstract_tree = state_to_tree(abstract_state)
         try:
+            check_readable(os.path.join(self.directory, str(step), 'state'))
             restored = self._open().restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_tree), data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore()))
@@ -342,6 +343,33 @@ class Checkpointer:
             multihost_utils.sync_global_devices('jaxdiff_checkpoint_set_aside')
 
 
+def check_readable(state_dir: str, batch: int = 64) -> None:
+    """Read every stored value of the OCDBT key-value store in ``state_dir`` once; raises on the first one a
+    truncated or missing file makes unreadable. No-op for a directory without an OCDBT manifest.
+
+    Why: orbax reads all arrays concurrently, and when a file is damaged every failing read in every thread prints
+    its own traceback (asyncio's "exception was never retrieved", tensorstore callbacks on a closed loop), after
+    the one exception we report. Plain tensorstore futures raise only where ``.result()`` is called. Costs one
+    read of the (compressed) state, ``batch`` values at a time.
+    """
+    if not os.path.exists(os.path.join(state_dir, 'manifest.ocdbt')):
+        return
+    import tensorstore as ts
+    base = state_dir if '://' in state_dir else 'file://' + os.path.abspath(state_dir)
+    store = ts.KvStore.open({'driver': 'ocdbt', 'base': base.rstrip('/') + '/'}).result()
+    keys = store.list().result()
+    for start in range(0, len(keys), batch):
+        reads = [(key, store.read(key)) for key in keys[start:start + batch]]
+        for key, read in reads:
+            name = key.decode(errors='replace')
+            try:
+                found = read.result().state == 'value'
+            except ValueError as e:  # tensorstore's error names the byte range, not the array
+                raise ValueError(f'stored value {name!r} is unreadable ({_one_line(e)})') from e
+            if not found:
+                raise ValueError(f'stored value {name!r} is missing')
+
+
 def _one_line(e: BaseException) -> str:
     text = ' '.join(str(e).split()) or type(e).__name__
     text = text.split(' See full TensorStore details')[0]
@@ -377,6 +405,7 @@ def _numpy_state(manager: ocp.CheckpointManager, step: int) -> dict:
 def _checked_state(manager: ocp.CheckpointManager, step: int) -> tuple[Optional[dict], Optional[str]]:
     """(numpy state, None) when checkpoint ``step`` restores and matches its fingerprint, else (None, reason)."""
     try:
+        check_readable(os.path.join(str(manager.directory), str(step), 'state'))
         tree = _numpy_state(manager, step)
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # damaged files raise many types
