@@ -10,7 +10,9 @@ Each checkpoint holds three items:
 Rules: a step directory orbax never finalised (a ``<step>.orbax-checkpoint-tmp`` dir left by kill -9) is ignored
 and moved to ``workdir/corrupt_checkpoints/`` (orbax would delete it when saving that step again); a finalised one that fails to restore or to verify is skipped with a warning and, if
 an older one restores, moved (never deleted) to ``workdir/corrupt_checkpoints/`` so the run can save that step
-again. If every checkpoint is unusable, :class:`CheckpointError` names them and nothing is touched.
+again. If every checkpoint is unusable, :class:`CheckpointError` names them and nothing is touched. Before orbax
+reads a step, :func:`check_readable` reads its stored values once, so a torn file is reported as the array it
+breaks rather than as a traceback from each of orbax's concurrent readers.
 ``workdir/config.json`` is the run's config; :func:`check_config` refuses a different one unless allowed.
 """
 from __future__ import annotations
