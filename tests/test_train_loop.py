@@ -126,7 +126,7 @@ def test_all_checkpoints_damaged_is_one_clear_error_and_nothing_moves(trained, t
 
 def test_damaged_checkpoint_is_named_without_tracebacks_from_reader_threads(trained, tmp_path):
     """Orbax's concurrent reads of a torn file used to print a traceback per failing read thread (CI saw them in
-    train.py's stderr); the sequential pre-read reports the first unreadable array and nothing else."""
+    train.py's stderr); the pre-read (plain tensorstore reads) reports the first unreadable array and nothing else."""
     import shutil
     import subprocess
     import sys
