@@ -1,0 +1,44 @@
+"""Prints the table of a bench suite run from its JSON lines (one per row, as bench/gpu_suite.sh collects them).
+
+    python bench/suite_table.py LOG
+
+Train rows come from bench/train_throughput.py, sample rows from bench/sample_throughput.py; the table is
+Markdown, ready for docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(lines: list[str]) -> list[str]:
+    """Markdown rows (header included) for the JSON result lines ``lines`` of a suite run."""
+    out = ['| bench | config | batch | dtype | steps / NFE | compile s | ms per step or batch | img/s | MFU |',
+           '|---|---|---:|---|---|---:|---:|---:|---:|']
+    for line in lines:
+        r = json.loads(line)
+        config = r['config'].rsplit('/', 1)[-1].removesuffix('.py')
+        if r['bench'] == 'train':
+            mfu = f'{100 * r["mfu"]:.1f}%' if r.get('mfu') else '-'
+            out.append(f'| train step | `{config}` | {r["batch"]} | {r["dtype"]} | - | {r["compile_s"]:.1f} | '
+                       f'{r["step_ms"]:.1f} | {r["img_per_s"]:,.0f} | {mfu} |')
+        else:
+            guidance = f', CFG w={r["guidance"]:g}' if r.get('guidance') is not None else ''
+            out.append(f'| sample {r["solver"]}{guidance} | `{config}` | {r["batch"]} | {r["dtype"]} | '
+                       f'{r["num_steps"]} / {r["net_evals"]} | {r["compile_s"]:.1f} | {1e3 * r["batch_s"]:.0f} | '
+                       f'{r["img_per_s"]:,.0f} | - |')
+    return out
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        lines = [line for line in f if line.strip()]
+    if not lines:
+        raise SystemExit(f'suite_table: {sys.argv[1]} holds no results (every row failed?)')
+    r = json.loads(lines[0])
+    print(f'{r["devices"]} x {r["device_kind"]}')
+    print('\n'.join(rows(lines)))
+
+
+if __name__ == '__main__':
+    main()
