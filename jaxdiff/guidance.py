@@ -100,7 +100,8 @@ def _threaded(inner: StatefulDenoiser, state):
 
 # --- CFG weight schedules (Wang et al., "Analysis of Classifier-Free Guidance Weight Schedulers", TMLR 2024).
 # Each maps progress s in [0, 1] (0 = pure noise, 1 = clean; see schedules.progress) and the nominal weight w
-# to the weight used at that step; the parameter-free ones average to w over s in [0, 1].
+# to the weight used at that step; the parameter-free ones average to w over s in [0, 1], the parametrised ones
+# (clamp_linear, pcs) do not.
 
 def _constant(s, w):
     return w * jnp.ones_like(s)
@@ -135,7 +136,10 @@ def _clamp_linear(s, w, c: float = 1.0):
 
 
 def _pcs(s, w, a: float = 1.0):
-    return w * (1 - jnp.cos(jnp.pi * s ** a))
+    # Power-cosine as the public scheduler port writes it, 0.5 w (1 - cos(pi ((T - t)/T)^a)) with (T - t)/T = s:
+    # it rises from 0 to w and, unlike the parameter-free schedules, is not normalised to mean w (a = 1 gives
+    # half the 'cosine' schedule). The un-halved form is pcs at weight 2w.
+    return 0.5 * w * (1 - jnp.cos(jnp.pi * s ** a))
 
 
 WEIGHT_SCHEDULES: dict[str, Callable] = {

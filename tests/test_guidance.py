@@ -38,7 +38,7 @@ def test_negative_condition_modes():
     np.testing.assert_allclose(got, dn + w * (dc - dn), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["constant", "linear", "invlinear", "cosine", "sine", "v_shape", "lambda_shape", "pcs"])
+@pytest.mark.parametrize("name", ["constant", "linear", "invlinear", "cosine", "sine", "v_shape", "lambda_shape"])
 def test_parameter_free_schedules_average_to_w(name):
     s = (np.arange(100_000) + 0.5) / 100_000
     vals = np.asarray(G.WEIGHT_SCHEDULES[name](jnp.asarray(s), 3.0))
@@ -51,6 +51,14 @@ def test_schedule_shapes_and_progress():
     np.testing.assert_allclose(lin, 4.0 * np.linspace(0, 1, 11), atol=1e-4)  # 0 at pure noise, 2w at the end
     assert np.all(np.diff(np.asarray(G.guidance_weight(2.0, grid, "cosine"))) >= 0)
     np.testing.assert_allclose(G.guidance_weight(2.0, grid, "clamp_linear", c=1.5), np.maximum(1.5, lin), atol=1e-4)
+    # pcs, 0.5 w (1 - cos(pi s^a)) with s = (T - t)/T: 0 at pure noise, w at the end, half of 'cosine' at a = 1;
+    # a = 2 at s = 1/2 is 0.5 w (1 - cos(pi/4)).
+    pcs = np.asarray(G.guidance_weight(2.0, grid, "pcs", a=2.0))
+    assert pcs[0] == pytest.approx(0.0, abs=1e-6) and pcs[-1] == pytest.approx(2.0, abs=1e-4)
+    half = float(G.WEIGHT_SCHEDULES["pcs"](jnp.float32(0.5), 2.0, a=2.0))
+    assert half == pytest.approx(1.0 - np.cos(np.pi / 4), rel=1e-6)
+    cosine = np.asarray(G.guidance_weight(2.0, grid, "cosine"))
+    np.testing.assert_allclose(G.guidance_weight(2.0, grid, "pcs"), 0.5 * cosine, atol=1e-5)
     with pytest.raises(ValueError, match="unknown CFG weight schedule"):
         G.cfg(1.0, schedule="nope")
 
