@@ -13,6 +13,9 @@ A *stateful denoiser* (what guidance transforms with memory, such as SLD's momen
 :class:`StatefulDenoiser`: ``init(x) -> state`` and ``apply(x, sigma, cond, state) -> (x0_hat, state)``.
 Solvers turn whatever they are given into this form with :func:`as_stateful` and carry the state
 through their ``lax.scan``, so plain and stateful denoisers run through the same code.
+
+A denoiser trained on discrete noise levels (iDDPM) declares them as a :class:`GridDenoiser` (attribute
+``sigma_grid``, read with :func:`sigma_grid`); the EDM samplers round their noise levels onto it.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Denoiser = Callable[[Array, Array, Any], Array]
@@ -81,3 +85,41 @@ def score_from_x0(x: Array, x0: Array, sigma) -> Array:
 def ode_drift(x: Array, x0: Array, sigma) -> Array:
     """EDM probability-flow ODE in sigma-time: dx/dsigma = (x - x0_hat) / sigma; shapes (B, ...)."""
     return eps_from_x0(x, x0, sigma)
+
+
+class GridDenoiser:
+    """A plain denoiser that declares the discrete noise levels it was trained on (iDDPM's u_j grid).
+
+    Calling it is calling ``denoiser``. Solvers that follow the EDM reference's ``net.round_sigma`` read
+    ``sigma_grid`` with :func:`sigma_grid` and round their time grid (and EDM's churned sigma_hat) onto it,
+    so c_in, c_out and c_noise all see the same on-grid sigma; the noise range they sample is clipped to the
+    grid's positive entries, as the reference clips to ``net.sigma_min`` / ``net.sigma_max``.
+
+    denoiser:   D(x (B, ...), sigma () or (B,), cond) -> x0_hat (B, ...).
+    sigma_grid: (K,) float64 numpy, the discrete sigmas (any order; a 0 entry is allowed).
+    """
+
+    def __init__(self, denoiser: Denoiser, sigma_grid):
+        if isinstance(denoiser, StatefulDenoiser) or not callable(denoiser):
+            raise TypeError("GridDenoiser wraps a plain denoiser D(x, sigma, cond); declare the grid before making "
+                            f"it stateful (got {type(denoiser)})")
+        grid = np.asarray(sigma_grid, np.float64)
+        if grid.ndim != 1 or grid.size == 0 or not np.all(np.isfinite(grid)) or np.any(grid < 0) or grid.max() <= 0:
+            raise ValueError(f"sigma_grid must be a non-empty 1-D array of finite sigmas >= 0 with a positive "
+                             f"entry, got shape {grid.shape}")
+        self.denoiser = denoiser
+        self.sigma_grid = grid
+
+    def __call__(self, x: Array, sigma, cond=None) -> Array:
+        return self.denoiser(x, sigma, cond)
+
+
+def with_sigma_grid(denoiser: Denoiser, grid) -> Denoiser:
+    """``denoiser`` declaring the discrete sigma grid (K,) (see :class:`GridDenoiser`); grid None: unchanged."""
+    return denoiser if grid is None else GridDenoiser(denoiser, grid)
+
+
+def sigma_grid(denoiser: AnyDenoiser):
+    """The (K,) float64 sigma grid a denoiser declares (attribute ``sigma_grid``), or None for continuous ones."""
+    grid = getattr(denoiser, "sigma_grid", None)
+    return None if grid is None else np.asarray(grid, np.float64)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff import schedules
-from jaxdiff.denoiser import AnyDenoiser, StatefulDenoiser, expand_sigma
+from jaxdiff.denoiser import AnyDenoiser, StatefulDenoiser, expand_sigma, sigma_grid, with_sigma_grid
 
 Transform = Callable[[AnyDenoiser], AnyDenoiser]
 Call = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -45,7 +45,8 @@ def stateless(combine: Callable[[Call, jax.Array, jax.Array, Any], jax.Array]) -
 
     def transform(inner: AnyDenoiser) -> AnyDenoiser:
         if not isinstance(inner, StatefulDenoiser):
-            return lambda x, sigma, cond=None: combine(inner, x, sigma, cond)
+            # A discrete-level denoiser's grid stays declared, so the EDM samplers still round onto it.
+            return with_sigma_grid(lambda x, sigma, cond=None: combine(inner, x, sigma, cond), sigma_grid(inner))
 
         def apply(x, sigma, cond, state):
             call, final = _threaded(inner, state)

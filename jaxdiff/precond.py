@@ -7,17 +7,20 @@ independent, testable part. :func:`precondition` applies them to any raw functio
 ``F(x_in (B,...), c_noise (B,), cond) -> (B,...)``; :func:`edm`, :func:`vp`, :func:`ve` and :func:`iddpm`
 bind a Flax network and its variables, calling it like the EDM reference:
 ``net.apply(variables, x, noise_labels, class_labels, augment_labels=..., train=..., rngs=...)``.
+:func:`iddpm` (and :func:`iddpm_precondition` for a raw F) also declares iDDPM's discrete sigma grid
+(:class:`jaxdiff.denoiser.GridDenoiser`), which the EDM samplers round their noise levels onto.
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import schedules
-from jaxdiff.denoiser import Denoiser, expand_sigma, per_sample_sigma
+from jaxdiff.denoiser import Denoiser, GridDenoiser, expand_sigma, per_sample_sigma
 
 Coeffs = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 RawNet = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -41,10 +44,25 @@ def ve_coeffs(sigma: jax.Array) -> Coeffs:
     return jnp.ones_like(sigma), sigma, jnp.ones_like(sigma), jnp.log(0.5 * sigma)
 
 
+def iddpm_grid(M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
+               C_2: float = schedules.IDDPM_C2) -> np.ndarray:
+    """iDDPMPrecond's sigma grid u_0 > ... > u_M = 0, (M+1,): the recursion of :func:`schedules.iddpm_u` in
+    float32, as the reference's ``u`` buffer (up to ~5e-4 relative from the float64 one at the smallest u).
+    Cached and read-only: every trace of :func:`iddpm_coeffs` reads it."""
+    return _iddpm_grid(int(M), float(C_1), float(C_2))
+
+
+@lru_cache(maxsize=8)
+def _iddpm_grid(M: int, C_1: float, C_2: float) -> np.ndarray:
+    u = schedules.iddpm_u(M, C_1, C_2, dtype=np.float32)
+    u.flags.writeable = False
+    return u
+
+
 def iddpm_coeffs(sigma: jax.Array, M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
                  C_2: float = schedules.IDDPM_C2) -> Coeffs:
     """iDDPM: c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = M - 1 - j(s), j the nearest discrete index."""
-    j = schedules.round_sigma_to_grid(sigma, schedules.iddpm_u(M, C_1, C_2), return_index=True)
+    j = schedules.round_sigma_to_grid(sigma, iddpm_grid(M, C_1, C_2), return_index=True)
     return jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma ** 2 + 1), (M - 1 - j).astype(jnp.float32)
 
 
@@ -101,7 +119,34 @@ def _bind(coeffs_fn):
 edm = _bind(edm_coeffs)
 vp = _bind(vp_coeffs)
 ve = _bind(ve_coeffs)
-iddpm = _bind(iddpm_coeffs)
+_iddpm_continuous = _bind(iddpm_coeffs)
+
+
+def iddpm(net, variables, *, M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
+          C_2: float = schedules.IDDPM_C2, **kwargs) -> GridDenoiser:
+    """Denoiser from a Flax network with iddpm_coeffs preconditioning, declaring iDDPM's sigma grid.
+
+    Args: net, variables, M, C_1, C_2 and the keywords of :func:`edm` (label_dim, augment_labels, train, rngs,
+    out_channels). Returns a :class:`~jaxdiff.denoiser.GridDenoiser` D(x (B,H,W,C), sigma () or (B,), class_labels)
+    whose ``sigma_grid`` is :func:`iddpm_grid` (M+1,): the EDM and ablation samplers round their
+    time grid and sigma_hat onto it, as the reference does with ``net.round_sigma``.
+    """
+    den = _iddpm_continuous(net, variables, M=M, C_1=C_1, C_2=C_2, **kwargs)
+    return GridDenoiser(den, iddpm_grid(M, C_1, C_2))
+
+
+def iddpm_precondition(raw: RawNet, M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
+                       C_2: float = schedules.IDDPM_C2, out_channels: Optional[int] = None) -> GridDenoiser:
+    """:func:`precondition` with iddpm_coeffs for a raw F(x_in (B,...), c_noise (B,), cond), declaring the
+    (M+1,) iDDPM sigma grid like :func:`iddpm`. Returns D(x (B,...), sigma () or (B,), cond) -> (B,...)."""
+    den = precondition(raw, partial(iddpm_coeffs, M=M, C_1=C_1, C_2=C_2), out_channels)
+    return GridDenoiser(den, iddpm_grid(M, C_1, C_2))
+
+
+def iddpm_sigma_range(M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
+                      C_2: float = schedules.IDDPM_C2) -> tuple[float, float]:
+    """(u_{M-1}, u_0): the noise range iDDPMPrecond supports (the reference's sigma_min / sigma_max)."""
+    return schedules.grid_sigma_range(iddpm_grid(M, C_1, C_2))
 
 # Noise-level ranges each parametrisation supports (the reference's sigma_min / sigma_max attributes).
 VP_SIGMA_RANGE = (float(schedules.vp_sigma(schedules.VP_EPSILON_T)), float(schedules.vp_sigma(1.0)))

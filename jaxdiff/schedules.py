@@ -125,23 +125,39 @@ def iddpm_alpha_bar(j, M: int = IDDPM_M, C_2: float = IDDPM_C2):
     return np.sin(0.5 * np.pi * np.asarray(j, np.float64) / M / (C_2 + 1)) ** 2
 
 
-def iddpm_u(M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2) -> np.ndarray:
-    """The M+1 discrete sigmas of iDDPM, u_M = 0 < u_{M-1} < ... < u_0 (float64, (M+1,)).
+def iddpm_u(M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2, dtype=np.float64,
+            alpha_bar_dtype=None) -> np.ndarray:
+    """The M+1 discrete sigmas of iDDPM, u_M = 0 < u_{M-1} < ... < u_0, as a float64 (M+1,) array.
 
     u_{j-1} = sqrt((u_j^2 + 1) / max(abar(j-1)/abar(j), C_1) - 1), as in the EDM reference.
+    dtype: the recursion's arithmetic; alpha_bar_dtype: that of abar and its ratios (default: dtype). The
+    reference evaluates this in three precisions, which differ by up to ~5e-4 relative at the smallest u:
+    float64 / float64 (the default, exact); float32 / float32 is iDDPMPrecond's ``u`` buffer (the grid its
+    round_sigma and c_noise use); float64 / float32 is generate.py's ablation_sampler 'iddpm' discretization
+    (its j is an int64 tensor, so abar is float32 while u is float64).
     """
-    u = np.zeros(M + 1)
+    f, fa = np.dtype(dtype).type, np.dtype(alpha_bar_dtype or dtype).type
+    if fa == np.float64:
+        abar = lambda j: iddpm_alpha_bar(j, M, C_2)
+    else:   # float32 as torch evaluates 0.5 * pi * j / M / (C_2 + 1), its sin and square
+        abar = lambda j: fa(math.sin(fa(fa(fa(0.5 * np.pi) * fa(j)) / fa(M)) / fa(C_2 + 1))) ** 2
+    u = np.zeros(M + 1, f)
+    one = f(1)
     for j in range(M, 0, -1):
-        ratio = max(iddpm_alpha_bar(j - 1, M, C_2) / iddpm_alpha_bar(j, M, C_2), C_1)
-        u[j - 1] = math.sqrt((u[j] ** 2 + 1) / ratio - 1)
-    return u
+        ratio = max(fa(abar(j - 1) / abar(j)), fa(C_1))
+        u[j - 1] = np.sqrt((u[j] ** 2 + one) / f(ratio) - one)
+    return u.astype(np.float64)
 
 
 def iddpm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 81.0,
-                 M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2) -> np.ndarray:
-    """iDDPM grid: num_steps entries of the discrete u grid inside [sigma_min, sigma_max], evenly by index."""
+                 M: int = IDDPM_M, C_1: float = IDDPM_C1, C_2: float = IDDPM_C2, dtype=np.float64,
+                 alpha_bar_dtype=None) -> np.ndarray:
+    """iDDPM grid: num_steps entries of the discrete u grid inside [sigma_min, sigma_max], evenly by index.
+
+    dtype / alpha_bar_dtype: the precision of u (see :func:`iddpm_u`); (num_steps+1,) float64, last entry 0.
+    """
     _check_steps(num_steps)
-    u = iddpm_u(M, C_1, C_2)
+    u = iddpm_u(M, C_1, C_2, dtype, alpha_bar_dtype)
     kept = u[(u >= sigma_min) & (u <= sigma_max)]
     idx = np.round((len(kept) - 1) / max(num_steps - 1, 1) * np.arange(num_steps)).astype(np.int64)
     return append_zero(kept[idx])
@@ -156,6 +172,46 @@ def round_sigma_to_grid(sigma, grid, return_index: bool = False):
     sigma = jnp.asarray(sigma, jnp.float32)
     idx = jnp.argmin(jnp.abs(sigma[..., None] - grid), axis=-1).astype(jnp.int32)
     return idx if return_index else grid[idx]
+
+
+def round_sigma_host(sigma, grid, return_index: bool = False) -> np.ndarray:
+    """Host (numpy) twin of :func:`round_sigma_to_grid`, for grids built before a solver's scan.
+
+    As the EDM reference's ``iDDPMPrecond.round_sigma``: the nearest entry of the float32 grid by float32
+    distance (first index on ties, the same index :func:`round_sigma_to_grid` picks inside c_noise), returned
+    as float64. sigma any shape, grid (K,); returns the rounded sigmas (same shape) or int64 indices.
+    """
+    grid32 = np.asarray(grid, np.float64).astype(np.float32)
+    s32 = np.asarray(sigma, np.float64).astype(np.float32)
+    idx = np.argmin(np.abs(s32[..., None] - grid32), axis=-1)
+    return idx if return_index else grid32[idx].astype(np.float64)
+
+
+def grid_sigma_range(grid) -> tuple[float, float]:
+    """(smallest positive, largest) entry of a discrete sigma grid (K,): the range a grid denoiser supports
+    (iDDPM: (u_{M-1}, u_0), the reference's ``net.sigma_min`` / ``net.sigma_max``)."""
+    g = np.asarray(grid, np.float64).astype(np.float32).astype(np.float64)
+    return float(g[g > 0].min()), float(g.max())
+
+
+def ve_sigma_deriv(t):
+    """d sigma / dt of EDM's VE parametrisation sigma(t) = sqrt(t): 0.5 / sqrt(t)."""
+    xp = _xp(t)
+    return 0.5 / xp.sqrt(t)
+
+
+def vp_scale_deriv(sigma, sigma_deriv):
+    """d s / dt of the VP scaling s(t) = 1/sqrt(1 + sigma(t)^2): -sigma sigma' s^3 (any shapes that broadcast)."""
+    return -sigma * sigma_deriv * vp_scale(sigma) ** 3
+
+
+def vp_betas_from_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1e-3) -> tuple[float, float]:
+    """(beta_d, beta_min) of the VP schedule with sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max
+    (EDM's ablation sampler refits them to the clipped noise range):
+    beta_d = 2 (ln(sigma_min^2+1)/epsilon_s - ln(sigma_max^2+1)) / (epsilon_s - 1),
+    beta_min = ln(sigma_max^2+1) - beta_d/2."""
+    beta_d = 2 * (math.log(sigma_min ** 2 + 1) / epsilon_s - math.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    return beta_d, math.log(sigma_max ** 2 + 1) - 0.5 * beta_d
 
 
 def progress(sigma, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):

@@ -104,3 +104,12 @@ def test_stateful_advances_once_per_call_inside_scan_and_jits_once():
     _, st = run(X)
     run(X + 1)
     assert int(st[0]) == 7 and len(traces) == 1
+
+
+def test_stateless_transforms_keep_a_declared_sigma_grid():
+    from jaxdiff.denoiser import GridDenoiser, sigma_grid
+    grid = np.array([0.0, 0.5, 1.0, 2.0])
+    guided = G.cfg(2.0)(GridDenoiser(D, grid))
+    np.testing.assert_array_equal(sigma_grid(guided), grid)
+    np.testing.assert_allclose(guided(X, 1.0, C), G.cfg(2.0)(D)(X, 1.0, C), atol=1e-6)
+    assert sigma_grid(G.cfg(2.0)(D)) is None

@@ -66,3 +66,23 @@ def test_network_binding_fills_zero_labels():
     d = precond.edm(Net(), {}, label_dim=4)
     d(jnp.ones((3, 2, 2, 1)), jnp.ones(3))
     assert seen["labels"].shape == (3, 4) and float(jnp.abs(seen["labels"]).sum()) == 0.0
+
+
+def test_iddpm_binding_declares_the_grid_its_c_noise_rounds_to():
+    from jaxdiff.denoiser import GridDenoiser, sigma_grid
+    from jaxdiff.schedules import iddpm_u, round_sigma_host
+
+    class Net:
+        def apply(self, variables, x, noise_labels, class_labels, augment_labels=None, train=False, rngs=None):
+            return x
+
+    d = precond.iddpm(Net(), {}, out_channels=1)
+    grid = sigma_grid(d)
+    assert isinstance(d, GridDenoiser) and grid.shape == (1001,)
+    np.testing.assert_array_equal(grid, precond.iddpm_grid())
+    np.testing.assert_array_equal(grid, iddpm_u(dtype=np.float32))   # the reference's float32 u buffer
+    assert precond.iddpm_sigma_range() == (grid[999], grid[0])
+    s = np.exp(np.linspace(np.log(0.005), np.log(3e4), 301))
+    _, _, _, c_noise = precond.iddpm_coeffs(jnp.asarray(s, jnp.float32))
+    np.testing.assert_array_equal(999 - np.asarray(c_noise), round_sigma_host(s, grid, return_index=True))
+    assert d(jnp.ones((2, 2, 2, 1)), 0.5).shape == (2, 2, 2, 1)

@@ -4,7 +4,8 @@ Every sampler of :mod:`jaxdiff.solvers` is listed in ``SOLVERS``; its keyword op
 sde, snr, ...) are discovered from its signature, so a new solver keyword becomes a sample.py flag without
 further code. An option the chosen solver does not take is an error, not silently ignored. Options left unset
 take the solver's defaults, except sigma_min / sigma_max, which are clipped to the range the model's
-preconditioning supports (as EDM's generate.py does).
+preconditioning supports (as EDM's generate.py does); a solver whose default range is None (``ablation``: it
+depends on the discretization) gets it from ``_SIGMA_DEFAULTS`` before the clipping.
 
 Transforms are written ``name:key=value,key=value`` (values as Python literals), e.g. ``cfg:weight=2,
 schedule=linear``; a bare number ``2`` means ``cfg:weight=2``. Several transforms compose left to right with
@@ -20,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax.numpy as jnp
 
 from jaxdiff import guidance, solvers
+from jaxdiff.solvers import ablation
 
 SOLVERS: dict[str, Callable] = {
     'edm': solvers.edm_sampler,
@@ -31,6 +33,12 @@ SOLVERS: dict[str, Callable] = {
     'pc': solvers.pc_sampler,
     'pf_ode': solvers.probability_flow_sampler,
     'langevin': solvers.annealed_langevin_sampler,
+    'ablation': solvers.ablation_sampler,
+}
+# Solvers whose sigma_min / sigma_max default to None, resolved from their other options: name -> fn(options) ->
+# (sigma_min, sigma_max) (the ablation sampler's defaults depend on its discretization, as in the reference).
+_SIGMA_DEFAULTS: dict[str, Callable[[Mapping[str, Any]], tuple[float, float]]] = {
+    'ablation': lambda o: ablation.default_sigma_range(o['discretization'], o['epsilon_s']),
 }
 # Arguments sample.py supplies itself (sigmas: grids come from the options, not from a flag).
 _SUPPLIED = ('denoiser', 'latents', 'key', 'cond', 'sigmas')
@@ -77,6 +85,9 @@ def resolve_solver(name: str, options: Mapping[str, Any], sigma_range: tuple[flo
         raise ValueError(f'solver {name!r} takes no option {", ".join(unused)} (it takes: '
                          f'{", ".join(sorted(defaults))})')
     resolved = dict(defaults)
+    if name in _SIGMA_DEFAULTS:
+        span = dict(zip(('sigma_min', 'sigma_max'), _SIGMA_DEFAULTS[name]({**defaults, **options})))
+        resolved.update({k: v for k, v in span.items() if resolved.get(k) is None})
     lo, hi = sigma_range
     if 'sigma_min' in resolved and 'sigma_min' not in options:
         resolved['sigma_min'] = max(resolved['sigma_min'], lo)

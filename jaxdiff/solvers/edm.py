@@ -2,6 +2,11 @@
 with optional "churn" (temporarily raising the noise level by a factor 1 + gamma and injecting fresh noise).
 
 ``heun_sampler`` runs on any sigma grid; ``edm_sampler`` / ``euler_sampler`` build the Karras grid.
+
+A denoiser that declares a discrete sigma grid (:class:`jaxdiff.denoiser.GridDenoiser`, e.g.
+:func:`jaxdiff.precond.iddpm`) gets the reference's ``net.round_sigma`` treatment: the noise levels and every
+churned sigma_hat are rounded onto its grid on the host (sigma_next is an entry of the rounded grid), and the
+Karras grid's sigma_min / sigma_max are first clipped to the grid's positive range (``net.sigma_min/max``).
 """
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.denoiser import as_stateful, ode_drift
-from jaxdiff.schedules import karras_sigmas
+from jaxdiff.denoiser import as_stateful, ode_drift, sigma_grid
+from jaxdiff.schedules import grid_sigma_range, karras_sigmas, round_sigma_host
 from jaxdiff.solvers._scan import INTERNAL_DTYPE, check_key, check_sigmas, denoise, scan_steps, step_noise, to_steps
 
 
@@ -29,19 +34,25 @@ def heun_sampler(denoiser, latents, sigmas, *, key=None, cond=None, order: int =
         S_min <= sigma_i <= S_max, else 0; sigma_hat = sigma_i (1 + gamma_i); the injected noise has std
         sqrt(sigma_hat^2 - sigma_i^2) * S_noise.
     Returns x0 samples (B, ...) in latents.dtype. NFE: 2N - 1 for Heun on a grid ending in 0 (35 for
-    18 steps), N for Euler.
+    18 steps), N for Euler. With a grid denoiser (``sigma_grid``), the positive sigmas and each sigma_hat are
+    rounded to its grid first (rounding may merge neighbours; such a step has h = 0).
     """
     who = "heun_sampler" if order == 2 else "euler_sampler"
     if order not in (1, 2):
         raise ValueError(f"{who}: order must be 1 (Euler) or 2 (Heun), got {order}")
     sig = check_sigmas(sigmas, who)
+    grid = sigma_grid(denoiser)
+    if grid is not None:
+        sig = round_positive_to_grid(sig, grid, who)
     n = sig.shape[0] - 1
     t_cur, t_next = sig[:-1], sig[1:]
     # Churn factors are decided on the host in float64, as in the reference, so no traced branch is needed.
     in_range = (S_min <= t_cur) & (t_cur <= S_max)
     gamma = np.where(in_range, min(S_churn / n, math.sqrt(2) - 1), 0.0)
     t_hat = t_cur + gamma * t_cur
-    noise_std = np.sqrt(t_hat ** 2 - t_cur ** 2) * S_noise
+    if grid is not None:
+        t_hat = np.where(t_cur > 0, round_sigma_host(t_hat, grid), t_hat)   # reference: net.round_sigma(t_hat)
+    noise_std = np.sqrt(np.maximum(t_hat ** 2 - t_cur ** 2, 0.0)) * S_noise
     stochastic = bool(np.any(noise_std > 0))
     x = jnp.asarray(latents).astype(INTERNAL_DTYPE)
     key = check_key(key, x.shape[0], stochastic, who)
@@ -84,10 +95,12 @@ def edm_sampler(denoiser, latents, *, key=None, cond=None, num_steps: int = 18, 
     Grid: sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N, then 0.
     x_0 = latents * sigma_0; Heun steps with churn (see :func:`heun_sampler`); Euler on the last step.
     latents (B, ...) -> x0 samples (B, ...). 18 steps = 35 NFE. ``sigmas`` (N+1,), if given, replaces the
-    Karras grid. Deterministic (key may be None) unless S_churn > 0.
+    Karras grid. Deterministic (key may be None) unless S_churn > 0. For a grid denoiser (iDDPM) sigma_min /
+    sigma_max are clipped to its grid's positive range and the grid and sigma_hat rounded onto it, as the
+    reference's ``max(sigma_min, net.sigma_min)`` and ``net.round_sigma``.
     """
     if sigmas is None:
-        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+        sigmas = karras_sigmas(num_steps, *_clip_to_grid(denoiser, sigma_min, sigma_max), rho)
     return heun_sampler(denoiser, latents, sigmas, key=key, cond=cond, order=2, S_churn=S_churn, S_min=S_min,
                         S_max=S_max, S_noise=S_noise)
 
@@ -100,6 +113,29 @@ def euler_sampler(denoiser, latents, *, key=None, cond=None, num_steps: int = 18
     latents (B, ...) -> x0 samples (B, ...). On a grid sigma_i this equals deterministic DDIM (eta = 0).
     """
     if sigmas is None:
-        sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+        sigmas = karras_sigmas(num_steps, *_clip_to_grid(denoiser, sigma_min, sigma_max), rho)
     return heun_sampler(denoiser, latents, sigmas, key=key, cond=cond, order=1, S_churn=S_churn, S_min=S_min,
                         S_max=S_max, S_noise=S_noise)
+
+
+def round_positive_to_grid(sig: np.ndarray, grid: np.ndarray, who: str) -> np.ndarray:
+    """(N+1,) float64 grid with its positive entries rounded to the discrete sigma grid (K,); zeros stay.
+
+    The reference rounds the grid it built and appends t_N = 0 afterwards; a positive sigma that would round
+    to a 0 grid entry (below half the smallest positive one) is an error, not a silent division by zero.
+    """
+    out = np.where(sig > 0, round_sigma_host(sig, grid), sig)
+    if np.any((sig > 0) & (out <= 0)):
+        lo = grid_sigma_range(grid)[0]
+        raise ValueError(f"{who}: sigma {sig[(sig > 0) & (out <= 0)].max():g} rounds to 0 on the denoiser's "
+                         f"sigma grid; use sigma_min >= {lo:g} (the grid's smallest positive entry)")
+    return out
+
+
+def _clip_to_grid(denoiser, sigma_min: float, sigma_max: float) -> tuple[float, float]:
+    """The reference's max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max) for a grid denoiser."""
+    grid = sigma_grid(denoiser)
+    if grid is None:
+        return sigma_min, sigma_max
+    lo, hi = grid_sigma_range(grid)
+    return max(sigma_min, lo), min(sigma_max, hi)
