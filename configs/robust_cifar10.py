@@ -7,7 +7,11 @@ Generated data: sample a class-conditional CIFAR-10 EDM (sample.py, Heun 20 step
     python train.py --config configs/robust_cifar10.py --workdir runs/robust_cifar10 \
         --config.data.generated=runs/cifar10_samples/top20
 Real data: TFDS cifar10 prepared as array_record (tfds.data_source); the first 1024 training images are held out
-for best-checkpoint selection by PGD-40 (CW loss) of the EMA model, once per epoch (~2049 steps).
+for best-checkpoint selection by PGD-40 (CW loss) of the EMA model, once per epoch.
+Epoch, as the reference: ceil(50,000 / 512) = 98 steps, counted on the whole real training set (the held-out 1024
+included) whatever the amount of generated data (its dataset_size is set before the generated data are appended and
+the validation slice is cut); 400 epochs = 39,200 steps (~20M examples seen). The one-cycle lr peaks in epoch 10
+(pct_start 0.025 of 400 epochs: steps 882-979) and the EMA starts averaging at update 980 (0.025 * 400 * 98).
 """
 from jaxdiff.robust.trainer import adversarial_config, locked
 
@@ -24,8 +28,8 @@ def get_config():
     c.attack_steps = 10             # --attack-iter 10
     c.batch_size = 512              # --batch-size 512 (358 generated + 154 real)
     c.generated_fraction = 0.7      # --unsup-fraction 0.7
-    c.epochs = 400                  # --num-adv-epochs 400 (1M generated: ceil(1,048,976 / 512) = 2049 steps each)
-    c.checkpoint_every = 2_000      # ~once per epoch
+    c.epochs = 400                  # --num-adv-epochs 400 of ceil(50,000 / 512) = 98 steps: 39,200 steps
+    c.checkpoint_every = 980        # every 10 epochs (the reference's state-last.pt)
     c.log_every = 100               # progress line every 100 steps
     c.data.real.source = 'tfds'     # TFDS array_record
     c.data.real.tfds_name = 'cifar10'  # CIFAR-10 train split (50,000)

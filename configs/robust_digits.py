@@ -3,7 +3,9 @@
     python train.py --config configs/robust_digits.py --workdir runs/robust_digits
 With generated digits (sample.py of configs/digits.py's class-conditional denoiser; 70% of every batch):
     ... --config.data.generated=DIR --config.generated_fraction=0.7
-The first 256 of the 1797 digits are held out for best-checkpoint selection by PGD-40.
+The first 256 of the 1797 digits are held out for best-checkpoint selection by PGD-40. An epoch is
+ceil(1797 / 128) = 15 steps with or without generated data (the reference's epoch: the whole real training set,
+slice included, over the batch; see jaxdiff/robust/mixed_data.py).
 """
 from jaxdiff.robust.trainer import adversarial_config, locked
 
@@ -20,9 +22,9 @@ def get_config():
     c.attack_steps = 10             # PGD-10
     c.batch_size = 128              # global batch
     c.generated_fraction = 0.0      # real only unless data.generated is set
-    c.epochs = 40                   # 1541 training digits: 13 steps per epoch, 520 steps
+    c.epochs = 40                   # 1797 real digits: ceil(1797 / 128) = 15 steps per epoch, 600 steps
     c.checkpoint_every = 100        # steps between checkpoints
-    c.log_every = 26                # two epochs
+    c.log_every = 30                # two epochs
     c.data.real.source = 'digits'   # scikit-learn's digits
     c.data.real.tfds_name = ''      # not TFDS
     c.data.real.split = 'train'     # (digits has one split)
@@ -40,7 +42,7 @@ def get_config():
     c.ema.decay = 0.99              # shorter EMA for a short run
     c.ema.warmup_steps = 50         # EMA copies the params for the first 50 steps
     c.eval.size = 256               # held-out slice
-    c.eval.every = 104              # every 8 epochs
+    c.eval.every = 120              # every 8 epochs
     c.eval.batch_size = 256         # one evaluation batch
     c.eval.attack_steps = 40        # PGD-40
     return locked(c)

@@ -5,6 +5,7 @@ Real only (default):
 With samples of a class-conditional Fashion-MNIST denoiser (sample.py --out DIR, filtered with filter.py):
     ... --config.data.generated=DIR --config.generated_fraction=0.7
 Real data: Debian's dataset-fashion-mnist idx files (60,000 train; the first 1024 are held out for selection).
+An epoch is ceil(60,000 / batch) steps with or without generated data (the reference's epoch; see mixed_data).
 Hours on 2 CPU cores; minutes on a GPU.
 """
 from jaxdiff.robust.trainer import adversarial_config, locked
@@ -22,7 +23,7 @@ def get_config():
     c.attack_steps = 10             # PGD-10
     c.batch_size = 256              # global batch
     c.generated_fraction = 0.0      # real only unless data.generated is set
-    c.epochs = 15                   # ~3,500 steps
+    c.epochs = 15                   # of ceil(60,000 / 256) = 235 steps (real set, slice included): 3,525 steps
     c.checkpoint_every = 500        # steps between checkpoints
     c.log_every = 50                # steps between progress lines
     c.data.real.source = 'fashion_mnist'  # Debian's idx files

@@ -61,7 +61,7 @@ def test_mixed_batches_counts_determinism_and_resume():
     data = _data()
     b = mixed_data.MixedBatches(data, 16, 0.7, seed=3)
     assert (b.n_real, b.n_gen) == (5, 11) and mixed_data.split_counts(512, 0.7) == (154, 358)
-    assert b.steps_per_epoch == math.ceil(80 / 16)
+    assert b.steps_per_epoch == math.ceil(50 / 16)  # the real set alone: generated data do not lengthen an epoch
     for step in range(25):
         batch = b.batch(step)
         assert batch['image'].shape == (16, 4, 4, 1)
@@ -81,6 +81,49 @@ def test_mixed_batches_counts_determinism_and_resume():
     np.testing.assert_array_equal(b.batch(2, slice(8, 16))['label'], b.batch(2)['label'][8:])
     real_only = mixed_data.MixedBatches(_data(n_gen=0), 16, 0.7, seed=3)
     assert (real_only.n_real, real_only.n_gen, real_only.steps_per_epoch) == (16, 0, 4)
+
+
+def test_epoch_is_the_references_on_cifar10_config():
+    """configs/robust_cifar10.py with 1M generated images: DM-Improves-AT's step counts, worked out here from its
+    formulas alone. core/data/cifar10s.py sets dataset_size = len(CIFAR-10 train) = 50,000 before the generated data
+    are appended and the 1,024 validation images cut (core/data/semisup.py); its sampler runs
+    num_batches = ceil(dataset_size / batch_size) per epoch. cosinew = OneCycleLR(total_steps=epochs, pct_start
+    0.025) stepped once per epoch, phase 1 ending at index pct_start * total - 1; the EMA (watrain.py) has
+    warmup_steps = 0.025 * epochs * (floor(50000 / B) + 1) and averages once the 1-based update count reaches it."""
+    from jaxdiff.config import from_file
+    c = from_file(os.path.join(ROOT, 'configs', 'robust_cifar10.py'))
+    B, epochs, n_cifar, held = 512, 400, 50_000, 1024
+    assert (c.batch_size, c.epochs, c.optim.pct_start, c.eval.size, c.optim.per_epoch) == (B, epochs, 0.025, held,
+                                                                                             True)
+    # the reference, by hand
+    ref_spe = int(np.ceil(n_cifar / B))                              # 98
+    ref_total = epochs * ref_spe                                     # 39,200
+    ref_peak_epoch = int(0.025 * epochs - 1)                         # scheduler index 9 = the 10th epoch
+    ref_peak_steps = range(ref_peak_epoch * ref_spe, (ref_peak_epoch + 1) * ref_spe)  # 0-based updates 882..979
+    ref_ema_first = 0.025 * epochs * (int(np.floor(n_cifar / B)) + 1)  # 1-based update 980 averages first
+    assert (ref_spe, ref_total, list(ref_peak_steps)[-1], ref_ema_first) == (98, 39_200, 979, 980)
+    # jaxdiff: batches over 48,976 real + 1,024 held out + 1M generated (zero-stride arrays, no memory)
+    real = np.broadcast_to(np.zeros((1, 32, 32, 3), np.uint8), (n_cifar - held, 32, 32, 3))
+    gen = np.broadcast_to(np.zeros((1, 32, 32, 3), np.uint8), (1_000_000, 32, 32, 3))
+    data = mixed_data.AdvData(real, np.zeros(n_cifar - held, np.int32), gen, np.zeros(1_000_000, np.int32),
+                              real[:held], np.zeros(held, np.int32), None)
+    batches = mixed_data.MixedBatches(data, B, c.generated_fraction, c.seed)
+    assert (batches.n_real, batches.n_gen) == (154, 358)
+    assert mixed_data.real_train_size(data) == n_cifar
+    lengths = trainer.run_lengths(c, mixed_data.real_train_size(data))
+    assert batches.steps_per_epoch == lengths['steps_per_epoch'] == ref_spe == 98
+    assert lengths['total_steps'] == ref_total == 39_200
+    assert lengths['ema_warmup_steps'] == ref_ema_first
+    # the same library functions on jaxdiff's side: lr at its peak exactly in the reference's 10th epoch, and the
+    # EMA's first averaging update is that epoch's last
+    steps = np.arange(2 * 980)
+    lr = np.asarray(adv_step.schedule(c, lengths['steps_per_epoch'], lengths['total_steps'], steps)[0])
+    assert list(np.flatnonzero(np.isclose(lr, c.optim.lr, rtol=1e-6, atol=0))) == list(ref_peak_steps)
+    assert lr[881] < lr[882] and lr[980] < lr[979]
+    decay = np.asarray(adv_step.ema_decay(steps + 1, c.ema.decay, lengths['ema_warmup_steps']))
+    first_avg = int(np.flatnonzero(decay > 0)[0])                    # 0-based step of the first averaging update
+    assert first_avg + 1 == ref_ema_first and first_avg == ref_peak_steps[-1]
+    np.testing.assert_allclose(decay[first_avg], 0.1)               # (1 + 0) / (10 + 0)
 
 
 class Linear(nn.Module):

@@ -7,12 +7,19 @@ as the reference's ``int(batch_size * unsup_fraction)``). Each stream is an endl
 data; pass p is a permutation drawn from ``np.random.SeedSequence([seed, stream, p])`` (stream 0 real, 1
 generated), and step s takes positions ``[s * n, (s + 1) * n)`` of that sequence (a batch may straddle two passes).
 So a batch depends on (seed, step, dataset sizes) alone: a resumed run repeats the uninterrupted run's batches and
-the data-stream state is just the step. (The reference draws the generated part with replacement and gives the
-last real batch of a pass fewer real examples; here both streams are without replacement within a pass and every
-batch has the exact counts.)
+the data-stream state is just the step. (The reference draws the generated part with replacement, and its real
+part restarts a fresh permutation of the real set at every epoch and stops after the epoch's batches: with 98
+batches of 154 it uses the first 15,092 of each permutation, 31% of the 48,976. Here both streams are without
+replacement within a pass, the real stream runs on across epochs (every real example once per ceil(48,976 / 154)
+= 319 steps) and every batch has the exact counts.)
 
-Epoch length, as the reference: ``ceil((n_real + n_generated) / B)`` steps (its ``dataset_size`` counts both);
-``ceil(n_real / B)`` without generated data.
+Epoch length, as the reference: ``ceil(N_real_train / B)`` steps, N_real_train the WHOLE real training set (the
+held-out slice included; 50,000 for CIFAR-10 -> 98 steps at B = 512), with or without generated data and whatever
+its amount. DM-Improves-AT's ``get_semisup_dataloaders`` gives its batch sampler
+``num_batches = int(np.ceil(dataset_size / batch_size))`` (core/data/semisup.py), where ``dataset_size =
+len(self.dataset)`` is taken when the base CIFAR-10 train set is loaded (core/data/cifar10s.py), i.e. before the
+1,024-image validation slice is cut and before the generated images are appended. An epoch is therefore ~N_real_train
+examples seen (98 * 512 = 50,176 at CIFAR-10 scale), of which only 30% are real; 400 epochs = 39,200 steps.
 
 Held-out slice (the reference keeps the first 1024 CIFAR-10 training images out for PGD-40 selection): the first
 ``eval.size`` examples of the real training set are removed from training and used for evaluation.
@@ -105,9 +112,20 @@ def split_counts(batch_size: int, generated_fraction: float) -> tuple[int, int]:
     return batch_size - n_gen, n_gen
 
 
-def steps_per_epoch(batch_size: int, n_real: int, n_generated: int) -> int:
-    """ceil((n_real + n_generated) / B), the reference's epoch (its dataset_size counts both)."""
-    return -(-(n_real + n_generated) // batch_size)
+def real_train_size(data: AdvData) -> int:
+    """N_real_train: the whole real training set, i.e. the training part plus the held-out slice (both cut from
+    it by :func:`load`); the generated images are not counted. (the reference's ``dataset_size``)"""
+    return int(len(data.real_labels) + len(data.eval_labels))
+
+
+def steps_per_epoch(batch_size: int, n_real_train: int) -> int:
+    """ceil(n_real_train / batch_size): the steps of one epoch, with n_real_train the whole real training set (before
+    the held-out slice is cut; generated data not counted). The reference's ``num_batches = int(np.ceil(
+    dataset_size / batch_size))`` with ``dataset_size = len(CIFAR-10 train) = 50,000`` -> 98 at batch 512."""
+    if n_real_train < 1 or batch_size < 1:
+        raise ValueError(f'steps_per_epoch needs a positive batch size and real set size (got {batch_size}, '
+                         f'{n_real_train})')
+    return -(-int(n_real_train) // int(batch_size))
 
 
 class Stream:
@@ -141,7 +159,8 @@ class Stream:
 
 class MixedBatches:
     """The batches of a run: ``batch(step)`` -> {image uint8 (B, H, W, C), label int32 (B,), generated bool (B,)},
-    the real examples first, then the generated ones (order within a batch does not change the loss)."""
+    the real examples first, then the generated ones (order within a batch does not change the loss).
+    ``steps_per_epoch`` = ceil(N_real_train / B) (:func:`steps_per_epoch`; the generated data do not lengthen it)."""
 
     def __init__(self, data: AdvData, batch_size: int, generated_fraction: float, seed: int):
         n_real, n_gen = split_counts(batch_size, generated_fraction if data.gen_images is not None else 0.0)
@@ -149,7 +168,7 @@ class MixedBatches:
         self.real = Stream(len(data.real_labels), n_real, seed, REAL)
         n_generated = 0 if data.gen_labels is None else len(data.gen_labels)
         self.gen = Stream(max(n_generated, 1), n_gen, seed, GENERATED)
-        self.steps_per_epoch = steps_per_epoch(batch_size, len(data.real_labels), n_generated if n_gen else 0)
+        self.steps_per_epoch = steps_per_epoch(batch_size, real_train_size(data))  # generated data not counted
 
     def indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(real indices (n_real,), generated indices (n_gen,)) of ``step``."""

@@ -6,6 +6,12 @@
 :func:`adversarial_config` (configs/robust_*.py override them). The step is :mod:`jaxdiff.robust.adv_step`, the
 data :mod:`jaxdiff.robust.mixed_data`.
 
+Epoch: ceil(N_real_train / batch_size) steps, N_real_train the whole real training set before the held-out slice is
+cut, however much generated data is mixed in (DM-Improves-AT's dataset_size; :func:`run_lengths`). The one-cycle
+schedule (stepped per epoch, pct_start of the epochs) and the EMA warm-up (:func:`ema_warmup_steps`) count these
+epochs: CIFAR-10 with 1M generated images at batch 512 is 98 steps/epoch, 400 epochs = 39,200 steps, peak lr in
+epoch 10 (steps 882-979, 0-based) and the EMA averaging from update 980 (1-based) on.
+
 Outputs in the workdir: ``checkpoints/<step>/`` (orbax via :class:`jaxdiff.train.checkpoint.Checkpointer`: step,
 params, ema, opt_state {'momentum'}, buffers (BatchNorm statistics), nonfinite, plus the data-stream state and the
 config), ``best/checkpoints/<step>/`` (the same, of the evaluation with the highest PGD accuracy of the EMA model
@@ -50,7 +56,8 @@ def adversarial_config() -> ml_collections.ConfigDict:
     c.attack_steps = 10             # PGD steps of the training attack
     c.batch_size = 512              # global batch (real + generated), divisible by the device count
     c.generated_fraction = 0.7      # fraction of every batch from data.generated (floor(B * f)); 0 = real only
-    c.epochs = 400                  # training epochs of ceil((n_real + n_generated) / batch_size) steps
+    c.epochs = 400                  # epochs of ceil(N_real_train / batch_size) steps (whole real train set, slice
+                                    # included; generated data not counted: the reference's dataset_size)
     c.total_steps = 0               # optimizer steps (0 = epochs * steps per epoch)
     c.checkpoint_every = 2_000      # steps between checkpoints (also at the end and on SIGTERM/SIGINT)
     c.keep_checkpoints = 2          # recent checkpoints kept (best/ is kept separately)
@@ -156,12 +163,30 @@ def check_config(config) -> None:
 
 
 def ema_warmup_steps(config, n_real_total: int) -> float:
-    """config.ema.warmup_steps, or the reference's rule pct_start * epochs * (floor(n_real / B) + 1) (its
-    ``warmup_steps``, with n_real the whole real training set: 50,000 for CIFAR-10 -> 980 steps for 400 epochs
-    at batch 512)."""
+    """config.ema.warmup_steps, or the reference's rule pct_start * epochs * (floor(n_real_total / B) + 1), with
+    n_real_total the whole real training set (before the held-out slice is cut).
+
+    The reference (gowal21uncovering/utils/watrain.py, ``WATrainer.__init__``): ``update_steps =
+    int(np.floor(num_samples / batch_size) + 1)`` with num_samples = 50,000 for CIFAR, and ``warmup_steps = 0.025 *
+    num_adv_epochs * update_steps`` -> 0.025 * 400 * 98 = 980 at batch 512; its ``ema_update`` averages from the
+    update whose 1-based count reaches it (:func:`jaxdiff.robust.adv_step.ema_decay`). The reference writes 0.025;
+    here it is ``optim.pct_start`` (0.025 in the CIFAR-10 recipe), so the EMA starts averaging at the last step of
+    the one-cycle warm-up (the epoch at the peak lr). floor(N / B) + 1 equals the epoch length ceil(N / B) unless B
+    divides N."""
     if config.ema.warmup_steps >= 0:
         return float(config.ema.warmup_steps)
     return config.optim.pct_start * config.epochs * (math.floor(n_real_total / config.batch_size) + 1)
+
+
+def run_lengths(config, n_real_train: int) -> dict:
+    """The step counts of a run on a real training set of ``n_real_train`` examples (the whole set, held-out slice
+    included; generated data never count): {'steps_per_epoch': ceil(n_real_train / B), 'total_steps':
+    config.total_steps or epochs * steps_per_epoch, 'ema_warmup_steps': :func:`ema_warmup_steps`, 'eval_every':
+    eval.every or steps_per_epoch}. CIFAR-10 recipe (configs/robust_cifar10.py): 98, 39,200, 980.0, 98."""
+    from jaxdiff.robust.mixed_data import steps_per_epoch
+    spe = steps_per_epoch(config.batch_size, n_real_train)
+    return dict(steps_per_epoch=spe, total_steps=int(config.total_steps) or int(config.epochs) * spe,
+                ema_warmup_steps=ema_warmup_steps(config, n_real_train), eval_every=int(config.eval.every) or spe)
 
 
 # ------------------------------------------------------------------------------------------------------ logging
@@ -272,10 +297,10 @@ def _run(config, workdir: str, allow_config_change: bool, stop) -> dict:
 
     data = mixed_data.load(config)
     batches = mixed_data.MixedBatches(data, config.batch_size, config.generated_fraction, config.seed)
-    spe = batches.steps_per_epoch
-    total_steps = int(config.total_steps) or int(config.epochs) * spe
-    warmup = ema_warmup_steps(config, len(data.real_labels) + len(data.eval_labels))
-    eval_every = int(config.eval.every) or spe
+    lengths = run_lengths(config, mixed_data.real_train_size(data))
+    spe, total_steps = lengths['steps_per_epoch'], lengths['total_steps']
+    warmup, eval_every = lengths['ema_warmup_steps'], lengths['eval_every']
+    assert spe == batches.steps_per_epoch
     net = adv_step.build_net(config, data.info)
     image_shape = data.real_images.shape[1:]
 
@@ -307,8 +332,9 @@ def _run(config, workdir: str, allow_config_change: bool, stop) -> dict:
     n_gen = 0 if data.gen_labels is None else len(data.gen_labels)
     log.info(f'{type(net).__name__} ({config.model.arch}) {config.method} eps={config.eps:.4g} {config.norm} on '
              f'{config.data.real.source} {image_shape}, {data.info.num_classes} classes: {len(data.real_labels)} '
-             f'real + {n_gen} generated, {batches.n_real}+{batches.n_gen} per batch, {spe} steps/epoch, '
-             f'{total_steps} steps; held-out {len(data.eval_labels)}; {jax.device_count()} device(s)')
+             f'real + {n_gen} generated, {batches.n_real}+{batches.n_gen} per batch, {spe} steps/epoch (ceil of '
+             f'{mixed_data.real_train_size(data)} real / {config.batch_size}), {total_steps} steps; held-out '
+             f'{len(data.eval_labels)}; {jax.device_count()} device(s)')
     log.info(f'resuming from step {resumed_from}' if resumed_from is not None else 'starting from step 0')
 
     step_fn = adv_step.jit_train_step(config, net, mesh, spe, total_steps, warmup)
