@@ -1,27 +1,34 @@
 """Fair sampling by attribute switching (METHODS.md §4): attribute rate and BER without and with switching.
 
-    python -m eval.fairness [--task mixture] [--out DIR] [--num_samples N] [--steps N] [--prior P]
+    python -m eval.fairness [--task mixture|mixture_spread|mixture_weak|mixture_ring|mixture_close] [--out DIR] ...
     python -m eval.fairness --task digits --workdir RUN [--classes 3,8] [--out DIR] [--num_samples N] ...
 
-Both tasks have a binary sensitive attribute a in {0, 1} that the model is conditioned on, and a biased prior
+Every task has a binary sensitive attribute a in {0, 1} that the model is conditioned on, and a biased prior
 P(a = 1) = --prior (0.75): every sample draws its initial attribute s0 from the prior. "Without switching" it is
 sampled conditioned on s0 throughout, so the attribute rate (fraction of samples that *show* attribute 1) is about
 the prior, >= 0.7, and the shown attribute predicts s0 (BER of predicting s0 from it near 0). "With switching" it
-is conditioned on s0 while sigma > tau and on s1 = 1 - s0 after; at the fair tau what a sample shows no longer
-depends on s0, so the rate is 0.5 and the BER 0.5 whatever the prior.
+is conditioned on s0 while sigma > tau and on s1 = 1 - s0 after; at a tau where what a sample shows no longer
+depends on s0 the BER is 0.5 whatever the prior, and the rate is the common rate of the two switching
+directions there (0.5 when the two attributes mirror each other; see mixture_weak).
 
-- mixture: :func:`jaxdiff.fairness.mirror_mixture` with its exact denoiser; the shown attribute is the side of
-  the plane a sample lands on (the Bayes classifier). Also reports the attribute-blind base model (zero cond).
+- mixture tasks (:data:`MIXTURES`): 2-D mixtures built by :func:`jaxdiff.fairness.attribute_mixture`, with
+  their exact denoiser; the shown attribute is that of a sample's most likely region (for the mirror pair, the
+  side of the plane: the Bayes classifier). ``mixture`` is :func:`jaxdiff.fairness.mirror_mixture`; the others
+  vary one thing each (region spreads, conditioning strength, several interleaved modes per attribute,
+  overlap). Also reports the attribute-blind base model (zero cond).
 - digits: a train.py run (class-conditional, 10 classes). Attribute 0 / 1 are the two --classes (3 and 8 share
   their coarse outline), the condition is that class's one-hot label, and the shown attribute is the digits
   classifier's verdict: the rate is the fraction classified as the second class among the samples classified
   as either; samples classified as any other digit are counted (``valid``) and left out of rate and BER.
 
 tau comes from :func:`jaxdiff.fairness.tau_search` on the sampler's grid (per-sample s0 -> s1 rows, so both
-directions count). With --scan_samples > 0 every grid index is also tried on a separate calibration batch and the
-one whose BER is closest to 0.5 is evaluated as ``switch_best`` (the default for the mixture; on the digits
-net it costs a full sampling run per grid index, so --scan_window W limits it to the W indices either side of
-tau_search's: a fine grid near the searched tau for the price of a coarse one). Sampling is deterministic Heun on a Karras grid.
+directions count) under both criteria of :func:`jaxdiff.fairness.switch_curve`, scored on the same chains:
+``switch_search`` switches at the reference's (norm across the batch), ``switch_search_sample`` at the per-sample
+norm's. With --scan_samples > 0 every grid index is also tried on a separate calibration batch and the one
+whose BER is closest to 0.5 is evaluated as ``switch_best`` (the default for the mixtures; on the digits net it
+costs a full sampling run per grid index, so --scan_window W limits it to the W indices either side of each
+tau_search index: a fine grid near the searched taus for the price of a coarse one). Sampling is deterministic
+Heun on a Karras grid.
 
 Writes DIR/fairness_<task>.json and DIR/fairness_<task>.png (D(tau), and with a scan the measured rate and BER
 per tau), prints a table, and the last stdout line is the JSON object. Errors end with one ``eval.fairness:
@@ -47,6 +54,8 @@ from jaxdiff.solvers import heun_sampler
 
 PROG = 'eval.fairness'
 FAIR = 0.5
+# The run that switches at each tau_search criterion's tau (jaxdiff.fairness.switch_curve): batch is the reference's.
+SEARCH_RUNS = {'batch': 'switch_search', 'sample': 'switch_search_sample'}
 
 
 class Task(NamedTuple):
@@ -64,13 +73,36 @@ class Task(NamedTuple):
     description: dict
 
 
-def mixture_task(steps: int, prior: float) -> Task:
-    """The 2-D mirror mixture with the data bias p(s = 1) = prior."""
-    gm = F.mirror_mixture(prior)
-    return Task(toy.denoiser(gm), lambda a: jax.nn.one_hot(a, 2),
-                lambda x: (F.mirror_attribute(x), jnp.ones(x.shape[:1], bool)), (2,),
+# The 2-D tasks: name -> (what it varies, builder(prior) -> AttributeMixture). Each region shows attribute 1 or
+# 0; the condition s moves weight between the attributes (p_match), and the data bias is p(s = 1) = prior.
+MIXTURES = {
+    'mixture': ('mirror pair: A (+2, 0) and B (-2, 0), std 0.5, p(A | s=1) = p(B | s=0) = 0.95',
+                lambda prior: F.attribute_mixture([[2.0, 0.0], [-2.0, 0.0]], 0.5, [1, 0], p_s1=prior)),
+    'mixture_spread': ('unequal spreads: A (+2, 0) std 0.25, B (-2, 0) std 0.75',
+                       lambda prior: F.attribute_mixture([[2.0, 0.0], [-2.0, 0.0]], [0.25, 0.75], [1, 0],
+                                                         p_s1=prior)),
+    'mixture_weak': ('unequal conditioning: mirror pair with p(A | s=1) = 0.95 but p(B | s=0) = 0.7',
+                     lambda prior: F.attribute_mixture([[2.0, 0.0], [-2.0, 0.0]], 0.5, [1, 0], p_s1=prior,
+                                                       p_match=(0.95, 0.7))),
+    'mixture_ring': ('three modes per attribute, interleaved: 6 modes on a radius-3 ring (std 0.3), A at '
+                     '0/120/240 degrees, B at 60/180/300',
+                     lambda prior: F.attribute_mixture(
+                         3.0 * np.stack([np.cos(np.arange(6) * np.pi / 3), np.sin(np.arange(6) * np.pi / 3)], 1),
+                         0.3, [1, 0, 1, 0, 1, 0], p_s1=prior)),
+    'mixture_close': ('overlapping pair: A (+1, 0) and B (-1, 0), std 0.5',
+                      lambda prior: F.attribute_mixture([[1.0, 0.0], [-1.0, 0.0]], 0.5, [1, 0], p_s1=prior)),
+}
+
+
+def mixture_task(steps: int, prior: float, name: str = 'mixture') -> Task:
+    """The 2-D mixture task ``name`` (a key of :data:`MIXTURES`) with the data bias p(s = 1) = prior; the shown
+    attribute is that of the sample's most likely region (:meth:`jaxdiff.fairness.AttributeMixture.shown`)."""
+    what, build = MIXTURES[name]
+    am = build(prior)
+    return Task(toy.denoiser(am.gm), lambda a: jax.nn.one_hot(a, 2),
+                lambda x: (am.shown(x), jnp.ones(x.shape[:1], bool)), (2,),
                 schedules.karras_sigmas(steps),
-                dict(kind='mirror_mixture', attribute='region A (x_0 > 0)', data_bias=prior))
+                dict(kind=name, mixture=what, attribute='most likely region shows attribute 1', data_bias=prior))
 
 
 def digits_task(model, classifier, classes: tuple[int, int], steps: int) -> Task:
@@ -130,22 +162,27 @@ def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int,
              batch_size: int, seed: int = 0, blind: bool = False, scan_window: Optional[int] = None,
              log=print) -> dict:
     """Everything the CLI reports (see the module docstring), as a JSON-able dict. ``scan_window`` W limits the
-    scan to the grid indices within W of tau_search's (None: the whole grid); the others' scan entries are None."""
-    keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(5)]
+    scan to the grid indices within W of either tau_search index (None: the whole grid); the others' scan
+    entries are None."""
+    keys = [jax.random.fold_in(jax.random.key(seed), i) for i in range(6)]
     shape = task.sample_shape
     sample = _sampler(task, batch_size)
     search_start = np.asarray(jax.random.bernoulli(keys[0], prior, (search_samples,)), np.int32)
-    search = F.tau_search(task.denoiser, jax.random.normal(keys[1], (search_samples, *shape)), task.sigmas,
-                          task.cond_rows(search_start), task.cond_rows(1 - search_start))
+    search_z = jax.random.normal(keys[1], (search_samples, *shape))
+    # Both criteria score the same two chains (same latents and conditions).
+    searches = {norm: F.tau_search(task.denoiser, search_z, task.sigmas, task.cond_rows(search_start),
+                                   task.cond_rows(1 - search_start), norm=norm) for norm in F.NORMS}
     n_grid = len(task.sigmas)
     taus = [float(F.switch_sigma(task.sigmas, i)) for i in range(n_grid)]
-    log(f'tau_search: index {int(search.index)} of {n_grid - 1}, tau_sigma {float(search.sigma):.4g}')
+    for norm, search in searches.items():
+        log(f'tau_search ({norm} norm): index {int(search.index)} of {n_grid - 1}, '
+            f'tau_sigma {float(search.sigma):.4g}')
 
     scan = None
     if scan_samples:
         zc = jax.random.normal(keys[2], (scan_samples, *shape))
-        sc = np.asarray(jax.random.bernoulli(keys[2], prior, (scan_samples,)), np.int32)
-        near = lambda i: scan_window is None or abs(i - int(search.index)) <= scan_window
+        sc = np.asarray(jax.random.bernoulli(keys[5], prior, (scan_samples,)), np.int32)
+        near = lambda i: scan_window is None or min(abs(i - int(s.index)) for s in searches.values()) <= scan_window
         rows = [measure(*sample(zc, sc, tau), sc) if near(i) else dict(rate=None, ber=None)
                 for i, tau in enumerate(taus)]
         scan = dict(rate=[r['rate'] for r in rows], ber=[r['ber'] for r in rows])
@@ -156,7 +193,7 @@ def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int,
     if blind:
         runs['base'] = dict(measure(*sample(z, None), None), tau_index=None, tau_sigma=None)
     # switch_sigma(grid, N) = 0 lies below every level the sampler evaluates: no step is conditioned on s1.
-    picks = [('conditional', n_grid - 1), ('switch_search', int(search.index))]
+    picks = [('conditional', n_grid - 1)] + [(SEARCH_RUNS[norm], int(s.index)) for norm, s in searches.items()]
     if scan is not None:
         gaps = [np.inf if b is None else abs(b - FAIR) for b in scan['ber']]
         if np.isfinite(min(gaps)):
@@ -164,11 +201,12 @@ def evaluate(task: Task, *, num_samples: int, prior: float, search_samples: int,
     for name, index in picks:
         runs[name] = dict(measure(*sample(z, start, taus[index]), start), tau_index=index,
                           tau_sigma=taus[index] if np.isfinite(taus[index]) else None)
+    found = {f'tau_search{"" if norm == "batch" else "_" + norm}':
+             dict(index=int(s.index), sigma=float(s.sigma), norm=norm, curve=[float(c) for c in np.asarray(s.curve)])
+             for norm, s in searches.items()}
     return dict(task=task.description, prior=prior, num_samples=num_samples, steps=n_grid - 1,
                 search_samples=search_samples, scan_samples=scan_samples, scan_window=scan_window, seed=seed,
-                tau_search=dict(index=int(search.index), sigma=float(search.sigma),
-                                curve=[float(c) for c in np.asarray(search.curve)]),
-                tau_sigmas=[t if np.isfinite(t) else None for t in taus], scan=scan, runs=runs)
+                **found, tau_sigmas=[t if np.isfinite(t) else None for t in taus], scan=scan, runs=runs)
 
 
 def plot(result: dict, path: str) -> None:
@@ -180,11 +218,13 @@ def plot(result: dict, path: str) -> None:
     fig, axes = plt.subplots(2 if scan else 1, 1, figsize=(7, 6 if scan else 3.5), sharex=True, squeeze=False)
     index = np.arange(len(result['tau_search']['curve']))
     ax = axes[0, 0]
-    ax.plot(index, result['tau_search']['curve'], color='C0')
-    ax.set_ylabel('D(tau)')
+    for key, color in (('tau_search', 'C0'), ('tau_search_sample', 'C1')):
+        curve = np.asarray(result[key]['curve'])
+        ax.plot(index, curve / curve.max(), color=color, label=f"{result[key]['norm']} norm")
+    ax.set_ylabel('D(tau) / max')
     ax.set_title(f"attribute switching: {result['task']['kind']}")
     for a in axes[:, 0]:
-        for name, style in (('switch_search', ':'), ('switch_best', '--')):
+        for name, style in (('switch_search', ':'), ('switch_search_sample', '-.'), ('switch_best', '--')):
             if name in result['runs']:
                 a.axvline(result['runs'][name]['tau_index'], color='k', linestyle=style, label=name)
     ax.legend(fontsize=8)
@@ -203,18 +243,19 @@ def plot(result: dict, path: str) -> None:
 
 def table(result: dict) -> str:
     """The runs as aligned text rows."""
-    lines = [f"{'run':<14}{'tau_sigma':>10}{'rate':>8}{'BER':>8}{'valid':>8}"]
+    lines = [f"{'run':<21}{'tau_sigma':>10}{'rate':>8}{'BER':>8}{'valid':>8}"]
     for name, r in result['runs'].items():
         tau = '-' if r['tau_sigma'] is None else f"{r['tau_sigma']:.4g}"
         ber = '-' if r['ber'] is None else f"{r['ber']:.3f}"
         rate = '-' if r['rate'] is None else f"{r['rate']:.3f}"
-        lines.append(f"{name:<14}{tau:>10}{rate:>8}{ber:>8}{r['valid']:>8.3f}")
+        lines.append(f"{name:<21}{tau:>10}{rate:>8}{ber:>8}{r['valid']:>8.3f}")
     return '\n'.join(lines)
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
-    p.add_argument('--task', choices=('mixture', 'digits'), default='mixture')
+    p.add_argument('--task', choices=(*MIXTURES, 'digits'), default='mixture',
+                   help='a 2-D mixture (' + '; '.join(f'{k}: {v[0]}' for k, v in MIXTURES.items()) + ') or digits')
     p.add_argument('--workdir', help='train.py run directory (digits)')
     p.add_argument('--out', default='out/fairness', help='folder for the JSON and the plot')
     p.add_argument('--classes', default='3,8', help='digits: the classes of attribute 0 and 1')
@@ -225,11 +266,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--scan_samples', type=int, default=None,
                    help='calibration samples per grid index for switch_best (mixture 2000, digits 0 = no scan)')
     p.add_argument('--scan_window', type=int, default=None,
-                   help='scan only the grid indices within this distance of tau_search\'s (default: all)')
+                   help='scan only the grid indices within this distance of a tau_search index (default: all)')
     p.add_argument('--batch_size', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    mixture = args.task == 'mixture'
+    mixture = args.task in MIXTURES
     args.num_samples = args.num_samples or (4000 if mixture else 1000)
     args.steps = args.steps or (128 if mixture else 18)
     args.scan_samples = (2000 if mixture else 0) if args.scan_samples is None else args.scan_samples
@@ -248,8 +289,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def build_task(args: argparse.Namespace, log=print) -> Task:
     """The Task the arguments name; loads the model and the digits classifier for --task digits."""
-    if args.task == 'mixture':
-        return mixture_task(args.steps, args.prior)
+    if args.task in MIXTURES:
+        return mixture_task(args.steps, args.prior, args.task)
     from jaxdiff.metrics.feature_classifier import load_or_train
     from jaxdiff.sampling.model import load_model
     model = load_model(args.workdir)
@@ -267,7 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         task = build_task(args, log)
         result = evaluate(task, num_samples=args.num_samples, prior=args.prior, search_samples=args.search_samples,
                           scan_samples=args.scan_samples, batch_size=args.batch_size, seed=args.seed,
-                          blind=args.task == 'mixture', scan_window=args.scan_window, log=log)
+                          blind=args.task in MIXTURES, scan_window=args.scan_window, log=log)
         os.makedirs(args.out, exist_ok=True)
         result['plot'] = os.path.join(args.out, f'fairness_{args.task}.png')
         plot(result, result['plot'])

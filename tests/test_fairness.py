@@ -115,8 +115,8 @@ def test_switching_at_the_fair_point_makes_the_attribute_unpredictable():
     assert abs(float(F.balanced_error_rate(looks_like(fair), s0)) - 0.5) < 0.05
 
 
-def _curve_by_loops(latents, sigmas, s0, s1, sigma_data=1.0):
-    """D(tau) straight from the definition: explicit Euler chains, then a double sum for every tau."""
+def _curves_by_loops(latents, sigmas, s0, s1, sigma_data=1.0, beta_max=0.999):
+    """D(tau) straight from the definition: explicit Euler chains, then a double sum for every tau; {norm: (N+1,)}."""
     n, b = len(sigmas) - 1, latents.shape[0]
     x = [np.asarray(latents, np.float64) * sigmas[0]] * 2
     d = []
@@ -126,26 +126,81 @@ def _curve_by_loops(latents, sigmas, s0, s1, sigma_data=1.0):
             e = (x[k] - np.asarray(D(jnp.asarray(x[k], jnp.float32), sigmas[i], s), np.float64)) / sigmas[i]
             x[k] = x[k] + (sigmas[i + 1] - sigmas[i]) * e
             eps.append(e)
-        beta = 1 - (sigma_data ** 2 + sigmas[i + 1] ** 2) / (sigma_data ** 2 + sigmas[i] ** 2)
+        beta = min(1 - (sigma_data ** 2 + sigmas[i + 1] ** 2) / (sigma_data ** 2 + sigmas[i] ** 2), beta_max)
         d.append(beta * (eps[0] - eps[1]))
-    return np.array([np.mean(np.linalg.norm(sum(d[:t], np.zeros((b, 2))) - sum(d[t:], np.zeros((b, 2))), axis=1))
-                     for t in range(n + 1)])
+    diffs = [sum(d[:t], np.zeros((b, 2))) - sum(d[t:], np.zeros((b, 2))) for t in range(n + 1)]
+    # Across the batch for each coordinate (the reference), or over each sample's coordinates.
+    return {norm: np.array([np.mean(np.linalg.norm(diff, axis=axis)) for diff in diffs])
+            for norm, axis in (('batch', 0), ('sample', 1))}
+
+
+def test_switch_curve_by_hand():
+    """D(tau) for N = 3 steps of increments, B = 2 samples, 2 elements, worked out on paper:
+    S_tau = sum_{i<tau} d_i - sum_{i>=tau} d_i is [[-2,-3],[1,-1]], [[0,-3],[1,1]], [[0,1],[3,1]], [[2,3],[-1,1]]."""
+    d = np.array([[[1, 0], [0, 1]], [[0, 2], [1, 0]], [[1, 1], [-2, 0]]], np.float64)
+    r2, r5, r10, r13 = np.sqrt([2.0, 5.0, 10.0, 13.0])
+    # The reference: the norm across the batch for each element, then the mean over elements.
+    batch = [(r5 + r10) / 2, (1 + r10) / 2, (3 + r2) / 2, (r5 + r10) / 2]
+    # The per-sample norm over each sample's elements, then the mean over the batch.
+    sample = [(r13 + r2) / 2, (3 + r2) / 2, (1 + r10) / 2, (r13 + r2) / 2]
+    np.testing.assert_allclose(F.switch_curve(d), batch, rtol=1e-6)
+    np.testing.assert_allclose(F.switch_curve(d, 'sample'), sample, rtol=1e-6)
+    assert int(np.argmin(batch)) == 1 and int(np.argmin(sample)) == 2  # the two criteria can disagree
+    # A sample whose pair runs the other way (s1 -> s0) negates its increments: neither criterion sees it.
+    flipped = d * np.array([1.0, -1.0])[None, :, None]
+    np.testing.assert_allclose(F.switch_curve(flipped), batch, rtol=1e-6)
+    np.testing.assert_allclose(F.switch_curve(flipped, 'sample'), sample, rtol=1e-6)
+    # Image-shaped elements (N, B, H, W) flatten to the same numbers.
+    np.testing.assert_allclose(F.switch_curve(d.reshape(3, 2, 1, 2)), batch, rtol=1e-6)
+    with pytest.raises(ValueError, match="norm"):
+        F.switch_curve(d, 'pixel')
+
+
+def test_ddpm_betas_by_hand():
+    # beta_i = (sigma_i^2 - sigma_{i+1}^2) / (1 + sigma_i^2); the first (6399.75 / 6401) is capped at 0.999.
+    np.testing.assert_allclose(F.ddpm_betas([80.0, 0.5, 0.0]), [6399.75 / 6401, 0.25 / 1.25])
+    np.testing.assert_allclose(F.ddpm_betas([80.0, 0.5, 0.0], beta_max=0.999), [0.999, 0.2])
+    np.testing.assert_allclose(F.ddpm_betas([2.0, 1.0], sigma_data=0.5), [3 / 4.25])
 
 
 def test_tau_search_minimises_the_criterion_and_lands_in_the_mixing_phase():
     sig = schedules.karras_sigmas(10)
     z = jax.random.normal(jax.random.key(4), (32, 2))
-    res = F.tau_search(D, z, sig, onehot(0, 32), onehot(1, 32))
-    want = _curve_by_loops(z, sig, onehot(0, 32), onehot(1, 32))
-    np.testing.assert_allclose(res.curve, want, rtol=2e-4, atol=1e-5)
-    assert int(res.index) == int(np.argmin(want))
-    assert float(res.sigma) == pytest.approx(float(F.switch_sigma(sig, int(np.argmin(want)))))
+    curves = _curves_by_loops(z, sig, onehot(0, 32), onehot(1, 32))
+    for norm in F.NORMS:
+        res = F.tau_search(D, z, sig, onehot(0, 32), onehot(1, 32), norm=norm)
+        want = curves[norm]
+        np.testing.assert_allclose(res.curve, want, rtol=2e-4, atol=1e-5)
+        assert int(res.index) == int(np.argmin(want))
+        assert float(res.sigma) == pytest.approx(float(F.switch_sigma(sig, int(np.argmin(want)))))
+    with pytest.raises(ValueError, match="norm"):
+        F.tau_search(D, z, sig, onehot(0, 32), onehot(1, 32), norm='pixel')
 
-    # On the full grid the paper's criterion picks a tau where samples really mix attributes (strictly
-    # between the pure s0 rate 0.05 and the pure s1 rate 0.95), though not exactly at the fair point.
+    # On the full grid the default (the reference's criterion) picks a tau where samples really mix attributes
+    # (strictly between the pure s0 rate 0.05 and the pure s1 rate 0.95), though not exactly at the fair point.
     full = F.tau_search(D, jax.random.normal(jax.random.key(5), (512, 2)), SIGMAS, onehot(0, 512), onehot(1, 512))
     rate = float(switched_rate(jax.random.normal(jax.random.key(1), (B, 2)), full.sigma, onehot(0), onehot(1)))
     assert 0.1 < rate < 0.9
+
+
+def test_attribute_mixture_weights_and_shown_attribute_by_hand():
+    # Regions 0, 1 show attribute 1 and split it 1 : 3; region 2 shows 0. P(attr 1 | s=1) = 0.9,
+    # P(attr 0 | s=0) = 0.8, p(s=1) = 0.6: component (r, s) has weight p(s) P(attr_r | s) share_r.
+    am = F.attribute_mixture([[2, 0], [0, 2], [-2, 0]], [0.5, 0.5, 1.0], [1, 1, 0], region_weights=[1, 3, 1],
+                             p_s1=0.6, p_match=(0.9, 0.8))
+    np.testing.assert_allclose(am.gm.weights, [0.6 * 0.9 / 4, 0.4 * 0.2 / 4, 0.6 * 0.9 * 3 / 4, 0.4 * 0.2 * 3 / 4,
+                                               0.6 * 0.1, 0.4 * 0.8], rtol=1e-6)
+    np.testing.assert_array_equal(am.gm.labels, [1, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(am.gm.means[::2], [[2, 0], [0, 2], [-2, 0]])
+    # The most likely region at (0, 0): log N ~ -|x - mu|^2 / (2 s^2) - 2 log s = -8 for regions 0 and 1
+    # (+1.39), -2 for region 2: attribute 0, though (0, 0) is equally far from regions 0 and 2.
+    np.testing.assert_array_equal(am.shown(jnp.array([[0.0, 0.0], [1.9, 0.1], [0.2, 1.5]])), [False, True, True])
+    # The mirror pair is the special case of two regions; its shown attribute is the side of the plane.
+    mirror = F.attribute_mixture([[2, 0], [-2, 0]], 0.5, [1, 0], p_s1=P_S1)
+    for got, want in zip(mirror.gm, GM):
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64))
+    x = jnp.array([[0.1, 3.0], [-0.1, -2.0], [5.0, 0.0]])
+    np.testing.assert_array_equal(mirror.shown(x), looks_like(x))
 
 
 def test_composes_with_cfg_in_either_order_and_jits_once():
