@@ -108,10 +108,10 @@ def test_inception_features_give_fid(tmp_path):
     network's pool3 features computed directly; IS uses the bias-free logits."""
     import jax
     import jax.numpy as jnp
-    from test_inception import write_torch_legacy
+    from test_inception import random_variables, write_torch_legacy
     from jaxdiff.metrics.inception import FIDInceptionV3, inception_features, to_torch_state_dict
     from jaxdiff.metrics.inception_score import inception_score
-    variables = FIDInceptionV3().init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+    variables = random_variables(jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), jnp.zeros((1, 299, 299, 3))))
     weights = tmp_path / 'pt_inception.pth'
     write_torch_legacy(weights, to_torch_state_dict(variables))
     rng = np.random.default_rng(0)

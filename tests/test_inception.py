@@ -34,10 +34,10 @@ def abstract():
     return jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
 
 
-@pytest.fixture(scope='module')
-def variables(abstract):
-    """Random values in every leaf, BN statistics included, scaled so activations stay O(1)."""
-    rng = np.random.default_rng(0)
+def random_variables(abstract, seed: int = 0) -> dict:
+    """Random values in every leaf of the network's abstract variables, BN statistics included, scaled so
+    activations stay O(1); drawn in numpy (a Flax init would compile the whole 299x299 network first)."""
+    rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
         name, shape = path[-1].key, leaf.shape
@@ -49,6 +49,11 @@ def variables(abstract):
             value = rng.normal(0, 0.1, shape)
         return value.astype(np.float32)
     return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope='module')
+def variables(abstract):
+    return random_variables(abstract)
 
 
 @pytest.fixture(scope='module')

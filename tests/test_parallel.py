@@ -12,10 +12,11 @@ from jax.sharding import PartitionSpec as P
 from jaxdiff import parallel
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import xla_flags  # noqa: E402
 from test_train_step import batches, flat, run_steps, tiny_config  # noqa: E402
 
 SMALL = (1,)  # one resolution level: the sharding logic is the same, and 8-device compiles stay quick
-EIGHT_DEVICES = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+EIGHT_DEVICES = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(8))
 
 
 def test_make_mesh_rejects_bad_fsdp():

@@ -11,8 +11,9 @@ NET = SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, mod
 
 
 def _variables():
+    # Jitted: an eager Flax init dispatches (and compiles) every op on its own, which takes seconds per net.
     x = jnp.zeros((1, 8, 8, 1))
-    return NET.init(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 3)))
+    return jax.jit(NET.init)(jax.random.key(0), x, jnp.zeros((1,)), jnp.zeros((1, 3)))
 
 
 def test_net_precond_cfg_solver_compose_and_jit_once():
@@ -48,6 +49,6 @@ def test_training_loss_through_net_has_gradients():
         den = precond.edm(NET, {"params": params}, label_dim=3, train=True, rngs={"dropout": jax.random.key(4)})
         return jnp.mean(losses.edm_loss(den, x0, jax.random.key(5), labels))
 
-    value, grads = jax.value_and_grad(loss)(variables["params"])
+    value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree_util.tree_leaves(grads)]
     assert np.isfinite(float(value)) and float(value) > 0 and max(norms) > 0

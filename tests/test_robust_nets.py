@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import xla_flags
 from jaxdiff import parallel
 from jaxdiff.nets.preact_resnet import PreActResNet, PreActResNet18, PreActResNet34
 from jaxdiff.nets.wide_resnet import (CIFAR10_MEAN, CIFAR10_STD, WideResNet, dataset_stats, logits_fn, normalize,
                                       wrn_16_4, wrn_28_10, wrn_34_10, wrn_70_16)
 
-EIGHT_DEVICES = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8')
+EIGHT_DEVICES = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(8))
 DIGITS = dataset_stats('digits')
 
 

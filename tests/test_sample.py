@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import free_port, make_tiny_run, run_together
+from conftest import free_port, make_tiny_run, run_together, xla_flags
 from jaxdiff import toy
 from jaxdiff.sampling import filter as sfilter
 from jaxdiff.sampling import generate as gen
@@ -77,7 +77,7 @@ def test_eight_devices_and_resume_after_kill(env, run_dir, tmp_path):
     args = ['--workdir', run_dir, '--num_samples', 96, '--shard_size', 8, *FAST]
     one = sample_cli(env, *args, '--out', tmp_path / 'one', '--batch_size', 8)
     assert one.returncode == 0, one.stderr[-3000:]
-    env8 = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    env8 = dict(env, XLA_FLAGS=xla_flags(8))
     eight = sample_cli(env8, *args, '--out', tmp_path / 'eight', '--batch_size', 16)
     assert eight.returncode == 0, eight.stderr[-3000:]
     assert 'on 8 device(s)' in eight.stdout

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import free_port, run_together, snapshot, truncate_largest_file
+from conftest import free_port, run_together, snapshot, truncate_largest_file, xla_flags
 from jaxdiff.train import checkpoint as ckpt
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -179,7 +179,7 @@ def test_restore_on_8_fake_devices(env, tmp_path):
     workdir = tmp_path / 'run'
     result = train(env, workdir, '--config.total_steps=10')
     assert result.returncode == 0, result.stderr[-3000:]
-    env8 = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    env8 = dict(env, XLA_FLAGS=xla_flags(8))
     result = train(env8, workdir, '--config.total_steps=20', '--allow_config_change')
     assert result.returncode == 0, result.stderr[-3000:]
     assert '8 device(s)' in result.stdout and 'resuming from step 10' in result.stdout
