@@ -1,5 +1,6 @@
 """python -m eval.safety: the ring task end to end (JSON, table, plot; unguidance and the exact safe denoiser reach
-the safe sub-mixture), the digits path on a tiny random-init model (structure only), and one-line errors."""
+the safe sub-mixture), the other mixtures and the practical grid (wiring), the digits path on a tiny random-init model
+(structure only), and one-line errors."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 
 from eval import safety
-from jaxdiff import classifier_guidance
+from jaxdiff import classifier_guidance, schedules
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -21,25 +22,50 @@ def cli(*args, env=None):
 
 
 def test_mixture_task_end_to_end(tmp_path, capsys):
-    assert safety.main(['--num_samples', '1000', '--out', str(tmp_path)]) == 0
+    # Every method is listed; the ones README says meet the target on the ring are run (one sampler compile each).
+    gm, refs = safety.ring(), np.zeros((4, 2), np.float32)
+    listed = safety.mixture_methods(gm, safety.MIXTURE_UNSAFE, schedules.karras_sigmas(18), refs,
+                                    schedules.ddpm_sigmas(50), jax.random.key(0))
+    assert {m.name for m in listed} == {'none', 'unguidance', 'negative_classifier_guidance',
+                                        'safe_classifier_guidance', 'exact_safe_denoiser', 'paper_safe_denoiser',
+                                        'practical_safe_denoiser', 'sld'}
+    run = 'unguidance,exact_safe_denoiser,safe_classifier_guidance'
+    assert safety.main(['--num_samples', '1000', '--methods', run, '--out', str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     result = json.loads(out.strip().splitlines()[-1])
     assert result == json.load(open(tmp_path / 'safety_mixture.json'))
     assert os.path.getsize(tmp_path / 'safety_mixture.png') > 0 and result['plot'].endswith('safety_mixture.png')
     assert result['task'] == 'mixture' and result['num_samples'] == 1000 and result['true_unsafe'] == 0.25
+    assert result['mixture'] == 'ring'
     rows = {(r['method'], r['strength']): r for r in result['rows']}
-    names = {r['method'] for r in result['rows']}
-    assert names == {'none', 'unguidance', 'negative_classifier_guidance', 'safe_classifier_guidance',
-                     'exact_safe_denoiser', 'reference_safe_denoiser', 'sld'}
     for row in result['rows']:
-        assert set(row) >= {'unsafe', 'off', 'min_ratio', 'max_ratio', 'shares'} and len(row['shares']) == 8
-        assert np.isclose(sum(row['shares']), 1.0, atol=1e-3)
-    assert 0.2 <= rows['none', '-']['unsafe'] <= 0.3
+        assert set(row) >= {'unsafe', 'off', 'min_ratio', 'max_ratio', 'meets_target', 'shares', 'solver'}
+        assert len(row['shares']) == 8 and np.isclose(sum(row['shares']), 1.0, atol=1e-3)
+    assert 0.2 <= rows['none', '-']['unsafe'] <= 0.3 and not rows['none', '-']['meets_target']
     for key in (('unguidance', 'gamma=30'), ('exact_safe_denoiser', 'beta*'), ('safe_classifier_guidance', 'scale=1')):
         row = rows[key]
         assert row['unsafe'] <= 0.03 and row['off'] <= 0.01, row
         assert 0.8 <= row['min_ratio'] and row['max_ratio'] <= 1.2, row
     assert 'unguidance' in err and 'min_ratio' in err  # the table
+
+
+def test_other_mixtures_and_the_practical_grid(tmp_path, capsys, monkeypatch):
+    assert safety.main(['--mixture', 'neighbours', '--num_samples', '500', '--methods', 'exact_safe_denoiser',
+                        '--out', str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['mixture'] == 'neighbours' and result['true_unsafe'] == 0.2 and result['unsafe_modes'] == [0]
+    assert result['json'].endswith('safety_neighbours.json') and os.path.exists(tmp_path / 'safety_neighbours.png')
+    assert [r['method'] for r in result['rows']] == ['none', 'exact_safe_denoiser']
+    assert result['rows'][1]['unsafe'] <= 0.03 < result['rows'][0]['unsafe']
+    # The grid runs the practical safe denoiser (on 50-step DDPM, next to that solver's baseline) and nothing else.
+    monkeypatch.setitem(safety.PRACTICAL_GRID, 'mixture', dict(scale=(1.0,), bandwidth=(1.0,), window=(40,),
+                                                               margin=(0.0, None)))
+    assert safety.main(['--practical_grid', '--mixture', 'unequal', '--num_samples', '300', '--out',
+                        str(tmp_path)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result['json'].endswith('safety_unequal_practical_grid.json')
+    assert [(r['method'], r['solver']) for r in result['rows']] == [('none', 'ddpm50')] + [
+        ('practical_safe_denoiser', 'ddpm50')] * 2
 
 
 def test_mixture_methods_filter_keeps_the_baseline(tmp_path, capsys):
@@ -54,6 +80,7 @@ def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, m
     every = safety.digits_methods
 
     def first_strengths(*args):
+        # The ddpm50 baseline is dropped too (the practical row then falls back to the first row's baseline).
         methods = every(*args)
         return [m for i, m in enumerate(methods) if m.name not in {n.name for n in methods[:i]}]
 
@@ -68,10 +95,12 @@ def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, m
                                         noisy_classifier='stand-in', log=lambda m: None)
     names = [r['method'] for r in result['rows']]
     assert names[0] == 'none' and set(names) == {'none', 'unguidance', 'negative_classifier_guidance',
-                                                 'safe_classifier_guidance', 'reference_safe_denoiser', 'sld'}
+                                                 'safe_classifier_guidance', 'paper_safe_denoiser',
+                                                 'practical_safe_denoiser', 'sld'}
     for row in result['rows']:
         assert 0.0 <= row['unsafe'] <= 1.0 and isinstance(row['meets_target'], bool)
-        assert set(row) >= {'fd', 'fd_ratio', 'seconds'}
+        assert set(row) >= {'fd', 'fd_ratio', 'seconds', 'solver'}
+    assert {r['solver'] for r in result['rows'] if r['method'] == 'practical_safe_denoiser'} == {'ddpm50'}
     assert all(x.shape == (16, 8, 8, 1) and x.dtype == np.uint8 for x in samples.values())
     assert os.path.getsize(safety.digits_plot(samples, str(tmp_path / 'grid.png'))) > 0
 
