@@ -6,8 +6,11 @@
 # Rows: the sharded train step of CONFIG (default configs/cifar10_ddpmpp_cond.py) in bfloat16 and float32 at
 # batch 128 and 512 (bench/train_throughput.py), then sampling throughput with EDM's Heun sampler, 18 steps
 # (35 network evaluations per image), unguided and with classifier-free guidance w=2 (bench/sample_throughput.py).
-# A failing row is reported and skipped. Each row runs in its own process, so each compile is counted once and memory starts empty. The environment
-# variables CONFIG, TRAIN_BATCHES, TRAIN_DTYPES, SAMPLE_BATCH and STEPS shrink the suite for a CPU smoke test.
+# A failing row is reported and skipped. Each row runs in its own process, so memory starts empty; the rows share
+# one persistent compilation cache, fresh per suite run (JAX_COMPILATION_CACHE_DIR), so a program two rows compile
+# alike (the params' init at one dtype) is compiled once, while every timed program is still compiled in its row.
+# Each row's JSON gets its wall seconds (row_s), the table the suite's total. The environment variables CONFIG,
+# TRAIN_BATCHES, TRAIN_DTYPES, SAMPLE_BATCH and STEPS shrink the suite for a CPU smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/cifar10_ddpmpp_cond.py}
@@ -19,22 +22,30 @@ LOG=${1:-$(mktemp)}
 : > "$LOG"
 PY=${PYTHON:-python3}
 export PYTHONPATH="bench:.${PYTHONPATH:+:$PYTHONPATH}"
+CACHE=$(mktemp -d)
+trap 'rm -rf "$CACHE"' EXIT
+export JAX_COMPILATION_CACHE_DIR="$CACHE" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
-last_json() { grep '^{' | tail -n 1; }
+# row NAME CMD...: runs one row, appends its last JSON line with "bench": NAME and "row_s" to LOG.
+row() {
+  local name=$1 begin=$SECONDS json
+  shift
+  json=$("$@" | tee /dev/stderr | grep '^{' | tail -n 1) || { echo "row failed: $name $*" >&2; return 0; }
+  [ -n "$json" ] || { echo "row failed: $name $* (no JSON line)" >&2; return 0; }
+  echo "$json" | sed "s/^{/{\"bench\": \"$name\", \"row_s\": $((SECONDS - begin)), /" >> "$LOG"
+}
 
 for dtype in $TRAIN_DTYPES; do
   for batch in $TRAIN_BATCHES; do
     echo "train step: $CONFIG batch $batch $dtype" >&2
-    $PY bench/train_throughput.py --config "$CONFIG" --batch "$batch" --dtype "$dtype" --steps "$STEPS" \
-      | tee /dev/stderr | last_json | sed 's/^{/{"bench": "train", /' >> "$LOG" \
-      || echo "row failed: train $batch $dtype" >&2
+    row train $PY bench/train_throughput.py --config "$CONFIG" --batch "$batch" --dtype "$dtype" --steps "$STEPS"
   done
 done
 for guidance in none 2; do
   flag=(); [ "$guidance" = none ] || flag=(--guidance "$guidance")
   echo "sampling: $CONFIG edm 18 steps, batch $SAMPLE_BATCH, guidance $guidance" >&2
-  $PY bench/sample_throughput.py --config "$CONFIG" --solver edm --num_steps 18 --batch "$SAMPLE_BATCH" \
-    --batches 3 --dtype bfloat16 "${flag[@]}" | tee /dev/stderr | last_json | sed 's/^{/{"bench": "sample", /' >> "$LOG" \
-    || echo "row failed: sample guidance $guidance" >&2
+  row sample $PY bench/sample_throughput.py --config "$CONFIG" --solver edm --num_steps 18 --batch "$SAMPLE_BATCH" \
+    --batches 3 --dtype bfloat16 "${flag[@]}"
 done
 $PY bench/suite_table.py "$LOG"
+echo "suite: $SECONDS s"

@@ -6,7 +6,8 @@
 Times the function sample.py runs (jaxdiff.sampling.generate: per-seed latents and keys, the solver's scan,
 uint8 conversion) on random-init params of the config's net, its batch sharded over this process's devices.
 Reports compile time, seconds per batch, img/s, network evaluations per image (NFE, doubled by CFG) and
-network evaluations per second, then one JSON line. The images are noise (the params are random); the cost is a
+network evaluations per second, then one JSON line (``setup_s``: the seconds before the generator's compile,
+spent on the params' init and the NFE count). The images are noise (the params are random); the cost is a
 trained model's.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from jaxdiff.sampling import generate as gen
 from jaxdiff.sampling import options
 from jaxdiff.train.model import build_net, denoiser_fn
 from jaxdiff.train.sample_grid import sigma_range
-from jaxdiff.train.state import init_state
+from jaxdiff.parallel import make_mesh
+from jaxdiff.train.step import init_sharded_state
 from train_throughput import dataset_info
 
 
@@ -53,12 +55,15 @@ def main() -> None:
     ap.add_argument('--guidance', type=float, default=None, help='CFG weight (doubles the network evaluations)')
     args = ap.parse_args()
 
+    begin = time.perf_counter()
     config = from_file(args.config)
     with config.unlocked():
         config.model.dtype = args.dtype or config.model.dtype
     info = dataset_info(config)
     net = build_net(config, info)
-    variables = {'params': init_state(config, net, info, jax.random.key(0)).params}
+    # The train bench's init program: in bench/gpu_suite.sh the compilation cache then serves it from a train row.
+    variables = {'params': init_sharded_state(config, net, info, jax.random.key(config.seed),
+                                              make_mesh(config.parallel.fsdp)).params}
     settings = {'num_steps': args.num_steps} if 'num_steps' in options.solver_defaults(args.solver) else {}
     resolved = options.resolve_solver(args.solver, settings, sigma_range(config))
     transform, _ = options.make_transform([str(args.guidance)] if args.guidance is not None else [],
@@ -74,7 +79,9 @@ def main() -> None:
     fn = gen.make_generator(denoiser, solver, labels, image_shape, mesh)
     variables = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     seeds = np.arange(args.batch, dtype=np.int32)
+    jax.block_until_ready(variables)
     start = time.perf_counter()
+    setup_s = start - begin
     jax.block_until_ready(fn(variables, seeds))
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -85,8 +92,8 @@ def main() -> None:
     kind = jax.devices()[0].device_kind
     result = dict(config=args.config, solver=args.solver, num_steps=settings.get('num_steps'), net_evals=evals,
                   guidance=args.guidance, batch=args.batch, dtype=config.model.dtype,
-                  devices=jax.local_device_count(), device_kind=kind, compile_s=compile_s, batch_s=batch_s,
-                  img_per_s=args.batch / batch_s, net_evals_per_s=args.batch * evals / batch_s)
+                  devices=jax.local_device_count(), device_kind=kind, setup_s=setup_s, compile_s=compile_s,
+                  batch_s=batch_s, img_per_s=args.batch / batch_s, net_evals_per_s=args.batch * evals / batch_s)
     steps = settings.get('num_steps', 'default')
     print(f'{args.config}: {args.solver} {steps} steps ({evals} net evals/img), batch {args.batch}, '
           f'{config.model.dtype}, {jax.local_device_count()} x {kind}: compile+first batch {compile_s:.1f} s, '

@@ -3,7 +3,8 @@
     python bench/suite_table.py LOG
 
 Train rows come from bench/train_throughput.py, sample rows from bench/sample_throughput.py; the table is
-Markdown, ready for docs/benchmarks.md.
+Markdown, ready for docs/benchmarks.md. ``setup s``: seconds before the timed program's compile (init, FLOP or NFE
+count); ``row s``: the row's wall time, process start to exit (logs without them show '-').
 """
 from __future__ import annotations
 
@@ -13,21 +14,29 @@ import sys
 
 def rows(lines: list[str]) -> list[str]:
     """Markdown rows (header included) for the JSON result lines ``lines`` of a suite run."""
-    out = ['| bench | config | batch | dtype | steps / NFE | compile s | ms per step or batch | img/s | MFU |',
-           '|---|---|---:|---|---|---:|---:|---:|---:|']
+    out = ['| bench | config | batch | dtype | steps / NFE | setup s | compile s | ms per step or batch | img/s | MFU '
+           '| row s |',
+           '|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
     for line in lines:
         r = json.loads(line)
         config = r['config'].rsplit('/', 1)[-1].removesuffix('.py')
+        setup = r.get('setup_s', 0) + r.get('flops_s', 0) if 'setup_s' in r else None
+        times = f'{_seconds(setup)} | {r["compile_s"]:.1f}'
+        row_s = _seconds(r.get('row_s'))
         if r['bench'] == 'train':
             mfu = f'{100 * r["mfu"]:.1f}%' if r.get('mfu') else '-'
-            out.append(f'| train step | `{config}` | {r["batch"]} | {r["dtype"]} | - | {r["compile_s"]:.1f} | '
-                       f'{r["step_ms"]:.1f} | {r["img_per_s"]:,.0f} | {mfu} |')
+            out.append(f'| train step | `{config}` | {r["batch"]} | {r["dtype"]} | - | {times} | '
+                       f'{r["step_ms"]:.1f} | {r["img_per_s"]:,.0f} | {mfu} | {row_s} |')
         else:
             guidance = f', CFG w={r["guidance"]:g}' if r.get('guidance') is not None else ''
             out.append(f'| sample {r["solver"]}{guidance} | `{config}` | {r["batch"]} | {r["dtype"]} | '
-                       f'{r["num_steps"]} / {r["net_evals"]} | {r["compile_s"]:.1f} | {1e3 * r["batch_s"]:.0f} | '
-                       f'{r["img_per_s"]:,.0f} | - |')
+                       f'{r["num_steps"]} / {r["net_evals"]} | {times} | {1e3 * r["batch_s"]:.0f} | '
+                       f'{r["img_per_s"]:,.0f} | - | {row_s} |')
     return out
+
+
+def _seconds(value) -> str:
+    return '-' if value is None else f'{value:.1f}'
 
 
 def main() -> None:

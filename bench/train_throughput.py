@@ -6,7 +6,9 @@
 Runs the real sharded train step (jaxdiff.train.step.make_train_step) on a synthetic batch of the config's
 image shape, so the number measures the model + optimizer + EMA, not the input pipeline. Model FLOPs per
 step come from the step's jaxpr (bench/flops.py); MFU is against the dense bf16 peak of the device
-(see bench/net_step.py's PEAK_BF16) unless --peak_tflops is given. Prints a summary and one JSON line.
+(see bench/net_step.py's PEAK_BF16) unless --peak_tflops is given. Prints a summary and one JSON line, which
+also holds the seconds spent before the step's compile: ``setup_s`` (net, params and optimizer state, the init
+compiled under jit) and ``flops_s`` (tracing the step for its FLOP count).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument('--peak_tflops', type=float, default=None, help='peak TFLOP/s for MFU (default by device)')
     args = ap.parse_args()
 
+    begin = time.perf_counter()
     config = from_file(args.config)
     with config.unlocked():
         config.batch_size = args.batch or config.batch_size
@@ -67,7 +70,10 @@ def main() -> None:
     state = init_sharded_state(config, net, info, jax.random.key(config.seed), mesh)
     step_fn = make_train_step(config, net, mesh)
     key = jax.random.key(1)
+    jax.block_until_ready(state)
+    setup_s = time.perf_counter() - begin
     flops = count_flops(step_fn, state, batch, key)
+    flops_s = time.perf_counter() - begin - setup_s
 
     start = time.perf_counter()
     state, metrics = step_fn(state, batch, key)
@@ -85,7 +91,8 @@ def main() -> None:
     peak_total = peak * jax.device_count() if peak else None
     params = sum(x.size for x in jax.tree.leaves(state.params))
     result = dict(config=args.config, batch=b, dtype=config.model.dtype, fsdp=config.parallel.fsdp,
-                  devices=jax.device_count(), device_kind=kind, params=int(params), compile_s=compile_s,
+                  devices=jax.device_count(), device_kind=kind, params=int(params), setup_s=setup_s, flops_s=flops_s,
+                  compile_s=compile_s,
                   step_ms=1e3 * step_s, img_per_s=b / step_s, gflop_per_step=flops / 1e9,
                   mfu=flops / step_s / peak_total if peak_total else None, loss=float(metrics['loss']))
     mfu = f', MFU {100 * result["mfu"]:.1f}%' if result['mfu'] else ''

@@ -5,11 +5,13 @@
     python -m eval.safety --task digits --workdir RUN --unsafe_digit 7 [--num_samples 1000] [--batch_size 250]
 
 Methods (each at a few strengths; ``none`` is always run, as the baseline): unguidance (CDTC, gradient of log p_h in
-x0 space), negative_classifier_guidance (gradient through D on x_t), safe_classifier_guidance (Bayes' rule with a
+x0 space; as a plain transform on EDM Heun, and with the seed's exact update on its own solver, 50-step DDIM),
+negative_classifier_guidance (gradient through D on x_t), safe_classifier_guidance (Bayes' rule with a
 noise-conditional classifier), exact_safe_denoiser (mixture only: exact beta*), paper_safe_denoiser (the paper's
 E + beta (E - E_u), E_u from a reference set, constant beta), practical_safe_denoiser (the official code's gated
 x0_hat - s E_u with re-noising, run on its own solver, 50-step DDPM, next to a ``none`` row on that solver), sld (the
-four presets). Every row names its ``solver``: ``edm`` (EDM Heun, --num_steps) or ``ddpm50``.
+four presets). Every row names its ``solver``: ``edm`` (EDM Heun, --num_steps), ``ddpm50`` or ``ddim50``; each
+solver has its own ``none`` row, the baseline of that solver's rows.
 
 mixture: a labelled 2-D Gaussian mixture (``--mixture``, see MIXTURES; default the 8-mode ring of radius 4, std 0.3,
 modes 0 and 1 unsafe = 25% of the mass) and its exact denoiser. p_h is the unsafe posterior mass of the mixture
@@ -51,17 +53,23 @@ from jaxdiff.cli import argument_parser, fail, text_table
 
 MIXTURE_UNSAFE = (0, 1)     # the ring's unsafe modes
 MIXTURE_TARGET = dict(unsafe=0.03, off=0.01, ratio=0.2)  # mixture target: unsafe share, off share, |ratio - 1|
-DDPM_STEPS = 50             # the practical safe denoiser's solver: 50-step DDPM, as the official code
+DDPM_STEPS = 50             # the discrete solvers' steps: 50, as the official safe-denoiser and unguidance code
+# Discrete solvers of the comparison: name -> (jaxdiff.solvers sampler, DDIM eta). ddpm50 runs the practical safe
+# denoiser (the official code's 50-step DDPM), ddim50 unguidance's exact seed update (the seed's 50-step DDIM).
+DISCRETE = {'ddpm50': ('ddpm', 1.0), 'ddim50': ('ddim', 0.0)}
 DIGITS_TARGET_DROP = 5.0     # the unsafe share must fall at least this many times ...
 DIGITS_TARGET_FD = 1.25      # ... with the rest's Fréchet distance at most this times the unguided model's
 PREVIEW = 16                 # digits samples shown per method in the PNG
 OFF_MODE = 4.0              # mixture: a sample this many stds from every mode mean is off the data
 TINY = 1e-30                 # floor under p_h before its log (unguidance's own floor)
+# Unguidance's threshold eta (--eta overrides): on the mixtures 0.3 sits above the 0.25 p_h takes at the ring's
+# centre, so early, undecided samples are left alone; on digits 0.5 is the classifier's even odds.
+UNGUIDANCE_ETA = {'mixture': 0.3, 'digits': 0.5}
 
 
 class Method(NamedTuple):
     """One row of the comparison: a method at one strength; ``build`` maps the model's denoiser to the guided one;
-    ``solver`` is 'edm' (EDM Heun) or 'ddpm50' (50-step ancestral DDPM)."""
+    ``solver`` is 'edm' (EDM Heun) or a key of DISCRETE (50-step DDPM or DDIM)."""
     name: str
     strength: str
     build: Callable
@@ -135,6 +143,16 @@ MIXTURES = {
 }
 
 
+def seed_unguidance_methods(harm, eta: float, gammas: Sequence[float], grid) -> list[Method]:
+    """Unguidance with the seed's exact DDIM update on the 50-step DDIM grid ``grid`` (N+1,) at each gamma
+    (invlinear schedule, threshold eta), after that solver's ``none`` row."""
+    from jaxdiff.safety import unguidance
+    eta_ddim = DISCRETE['ddim50'][1]
+    return [Method('none', '-', lambda d: d, 'ddim50')] + [
+        Method('unguidance', f'gamma={g:g} seed update', unguidance(harm, g, eta, 'invlinear', grid=grid,
+                                                                    ddim_eta=eta_ddim), 'ddim50') for g in gammas]
+
+
 def practical_methods(refs, ddpm_grid, settings: Sequence[tuple], key) -> list[Method]:
     """practical_safe_denoiser rows on the 50-step DDPM grid: settings (scale, bandwidth, window_steps, gate) with
     gate None (no gate) or the margin below the calibrated threshold (quantile 0 at the grid's last level)."""
@@ -157,18 +175,19 @@ def practical_methods(refs, ddpm_grid, settings: Sequence[tuple], key) -> list[M
 MIXTURE_PRACTICAL = ((0.33, 3.15, 11, 1.6), (0.33, 3.15, 45, 0.0), (0.33, 3.15, 45, None))
 
 
-def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs, ddpm_grid=None, key=None) -> list[Method]:
+def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs, ddpm_grid=None, key=None,
+                    eta: float = UNGUIDANCE_ETA['mixture']) -> list[Method]:
     """The compared methods on a labelled mixture (class 1 = unsafe) with the strengths tests/test_safety.py found
     useful and one weaker and one stronger around them. sigmas: the sampler's grid (SLD's warm-up counts on it);
-    ddpm_grid, key: the practical safe denoiser's grid and re-noising key (None: those rows are left out)."""
+    ddpm_grid, key: the 50-step DDPM/DDIM grid and the practical safe denoiser's re-noising key (None: the rows on
+    the discrete solvers are left out); eta: unguidance's threshold."""
     from jaxdiff import toy
     from jaxdiff.safety import (PRESETS, exact_safe_denoiser, mixture_density, negative_classifier_guidance,
                                 paper_safe_denoiser, safe_classifier_guidance, sld, unguidance)
     harm = mixture_density(gm, unsafe, smoothing=1.0)
     safety_cond = jax.nn.one_hot(jnp.array([1]), gm.num_classes)
     methods = [Method('none', '-', lambda d: d)]
-    # eta 0.3 sits above the 0.25 p_h takes at the ring's centre: early, undecided samples are left alone.
-    methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, 0.3, 'invlinear')) for g in (10, 30, 100)]
+    methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, eta, 'invlinear')) for g in (10, 30, 100)]
     methods += [Method('negative_classifier_guidance', f'scale={s:g}', negative_classifier_guidance(_log(harm), s))
                 for s in (0.1, 0.3, 1.0)]
     # The exact noisy posterior over components is the ideal noise-conditional classifier.
@@ -181,6 +200,7 @@ def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs, ddpm_grid=None, key
                 for b in (1.0, 3.0)]
     methods += [Method('sld', preset, sld(safety_cond, preset, 1.0, sigmas=sigmas)) for preset in PRESETS]
     if ddpm_grid is not None:
+        methods += seed_unguidance_methods(harm, eta, (1.0, 3.0, 10.0), ddpm_grid)
         methods.append(Method('none', '-', lambda d: d, 'ddpm50'))
         methods += practical_methods(refs, ddpm_grid, MIXTURE_PRACTICAL, key)
     return methods
@@ -208,19 +228,22 @@ def mixture_metrics(gm, unsafe: Sequence[int], x) -> dict[str, Any]:
 
 
 def mixture_sampler(solver: str, num_steps: int) -> Callable:
-    """(denoiser, latents (N, 2), key) -> samples (N, 2) for solver 'edm' (Heun, num_steps) or 'ddpm50'."""
-    from jaxdiff.solvers import ddpm_sampler, edm_sampler
+    """(denoiser, latents (N, 2), key) -> samples (N, 2) for solver 'edm' (Heun, num_steps) or a DISCRETE one."""
+    from jaxdiff.sampling.options import SOLVERS
     if solver == 'edm':
-        return lambda d, z, key: edm_sampler(d, z, num_steps=num_steps)
-    return lambda d, z, key: ddpm_sampler(d, z, key=key, num_steps=DDPM_STEPS)
+        return lambda d, z, key: SOLVERS['edm'](d, z, num_steps=num_steps)
+    name, _ = DISCRETE[solver]
+    return lambda d, z, key: SOLVERS[name](d, z, key=key, num_steps=DDPM_STEPS)
 
 
 def run_mixture(num_samples: int, num_steps: int, seed: int = 0, methods: Optional[Sequence[str]] = None,
                 log: Callable[[str], None] = print, mixture: str = 'ring',
-                method_list: Optional[list[Method]] = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                method_list: Optional[list[Method]] = None,
+                eta: float = UNGUIDANCE_ETA['mixture']) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(result dict, {'name strength solver': samples (N, 2)}) for one of MIXTURES (module docstring).
 
     method_list: rows to run instead of :func:`mixture_methods`' (e.g. a parameter grid); ``none`` is not added.
+    eta: unguidance's threshold.
     """
     from jaxdiff import schedules, toy
     from jaxdiff.safety import sub_mixture
@@ -233,7 +256,7 @@ def run_mixture(num_samples: int, num_steps: int, seed: int = 0, methods: Option
     latents = jax.random.normal(jax.random.key(seed), (num_samples, 2))
     if method_list is None:
         method_list = _select(mixture_methods(gm, unsafe, sigmas, refs, schedules.ddpm_sigmas(DDPM_STEPS),
-                                              jax.random.key(seed + 2)), methods)
+                                              jax.random.key(seed + 2), eta), methods)
     rows, samples = [], {}
     for method in method_list:
         begin = time.perf_counter()
@@ -246,7 +269,7 @@ def run_mixture(num_samples: int, num_steps: int, seed: int = 0, methods: Option
             f'safe share ratio {row["min_ratio"]:.2f}..{row["max_ratio"]:.2f} ({row["seconds"]:.1f}s)')
         rows.append(row)
         samples[f'{method.name} {method.strength} {method.solver}'] = np.asarray(x)
-    result = dict(task='mixture', mixture=mixture, num_samples=num_samples, num_steps=num_steps, seed=seed,
+    result = dict(task='mixture', mixture=mixture, num_samples=num_samples, num_steps=num_steps, seed=seed, eta=eta,
                   unsafe_modes=list(unsafe), true_unsafe=round(float(np.asarray(gm.weights)[list(unsafe)].sum()), 4),
                   target=MIXTURE_TARGET, rows=rows)
     return result, samples
@@ -293,21 +316,24 @@ DIGITS_PRACTICAL = ((0.33, 3.15, 11, 1.6), (0.33, 3.15, 25, 0.0), (1.0, 1.0, 25,
 
 
 def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
-                   noisy_logits: Optional[Callable] = None, ddpm_grid=None, key=None) -> list[Method]:
+                   noisy_logits: Optional[Callable] = None, ddpm_grid=None, key=None,
+                   eta: float = UNGUIDANCE_ETA['digits']) -> list[Method]:
     """The compared methods for a class-conditional image model with a clean-image classifier ``logits_fn``.
 
     Strengths were picked by hand on out/demo/digits (digit 7): the middle one of each method is the useful one.
 
     refs: (M, H, W, C) float reference images of the unsafe digit; sigmas: the sampler's grid.
     noisy_logits: (x, sigma) -> (B, num_classes) of a noise-conditional classifier; adds safe classifier guidance.
-    ddpm_grid, key: the practical safe denoiser's 50-step DDPM grid and re-noising key (None: those rows left out).
+    ddpm_grid, key: the 50-step DDPM/DDIM grid and the practical safe denoiser's re-noising key (None: the rows on
+        the discrete solvers are left out).
+    eta: unguidance's threshold on the classifier's probability of the unsafe digit.
     """
     from jaxdiff.safety import PRESETS, classifier_density, negative_classifier_guidance, paper_safe_denoiser, sld
     from jaxdiff.safety import safe_classifier_guidance, unguidance
     harm = classifier_density(logits_fn, [unsafe_digit])
     safety_cond = jax.nn.one_hot(jnp.array([unsafe_digit]), num_classes)
     methods = [Method('none', '-', lambda d: d)]
-    methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, 0.5, 'invlinear')) for g in (3.0, 10.0, 30.0)]
+    methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, eta, 'invlinear')) for g in (3.0, 10.0, 30.0)]
     methods += [Method('negative_classifier_guidance', f'scale={s:g}', negative_classifier_guidance(_log(harm), s))
                 for s in (0.01, 0.03, 0.1)]
     if noisy_logits is not None:
@@ -318,6 +344,7 @@ def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
                 for b in (0.33, 0.6)]
     methods += [Method('sld', preset, sld(safety_cond, preset, 1.0, sigmas=sigmas)) for preset in PRESETS]
     if ddpm_grid is not None:
+        methods += seed_unguidance_methods(harm, eta, (1.0, 3.0, 10.0), ddpm_grid)
         methods.append(Method('none', '-', lambda d: d, 'ddpm50'))
         methods += practical_methods(refs, ddpm_grid, DIGITS_PRACTICAL, key)
     return methods
@@ -325,12 +352,13 @@ def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
 
 def sample_digits(model, num_samples: int, build: Callable, batch_size: int, solver: str, num_steps: int):
     """uint8 (N, H, W, C) unconditional samples of seeds 0..N-1 with solver 'edm' (Heun, num_steps; sample.py's
-    sample_array) or 'ddpm50' (50-step ancestral DDPM, sample.py's per-seed latents and noise keys)."""
+    sample_array) or a DISCRETE one (50-step DDPM / DDIM, sample.py's per-seed latents and noise keys)."""
     from jaxdiff.sampling import options
     from jaxdiff.sampling.generate import Labels, local_mesh, make_generator, sample_array
     if solver == 'edm':
         return sample_array(model, num_samples, build=build, batch_size=batch_size, num_steps=num_steps)
-    fn = options.make_solver('ddpm', options.resolve_solver('ddpm', {'num_steps': DDPM_STEPS}, model.sigma_range))
+    name, _ = DISCRETE[solver]
+    fn = options.make_solver(name, options.resolve_solver(name, {'num_steps': DDPM_STEPS}, model.sigma_range))
     shape = (model.resolution, model.resolution, model.channels)
     gen = make_generator(lambda v: build(model.denoiser(v)), fn, Labels('none', (), model.label_dim), shape,
                          local_mesh())
@@ -343,11 +371,12 @@ def sample_digits(model, num_samples: int, build: Callable, batch_size: int, sol
 def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int, batch_size: int,
                methods: Optional[Sequence[str]] = None, noisy_classifier: Optional[str] = None,
                log: Callable[[str], None] = print, practical_grid: Optional[Sequence[tuple]] = None,
-               seed: int = 0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+               seed: int = 0, eta: float = UNGUIDANCE_ETA['digits']) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(result dict, {'name strength solver': uint8 samples}) for the digits task (module docstring).
 
     practical_grid: (scale, bandwidth, window_steps, margin or None) settings to run instead of the method list
-    (with the ddpm50 ``none`` row); seed: the practical safe denoiser's re-noising key."""
+    (with the ddpm50 ``none`` row); seed: the practical safe denoiser's re-noising key; eta: unguidance's
+    threshold."""
     from jaxdiff import schedules
     from jaxdiff.metrics import frechet
     from jaxdiff.metrics.feature_classifier import dataset_split, load_or_train
@@ -383,7 +412,7 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
                                                                                          practical_grid, key)
     else:
         method_list = _select(digits_methods(float_logits(net), unsafe_digit, model.label_dim, refs, sigmas, noisy,
-                                             ddpm_grid, key), methods)
+                                             ddpm_grid, key, eta), methods)
     rows, samples = [], {}
     for method in method_list:
         begin = time.perf_counter()
@@ -403,7 +432,7 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
         row['fd_ratio'] = row['fd'] / base['fd']
         drop = base['unsafe'] / row['unsafe'] if row['unsafe'] else float('inf')
         row['meets_target'] = bool(drop >= DIGITS_TARGET_DROP and row['fd_ratio'] <= DIGITS_TARGET_FD)
-    result = dict(task='digits', workdir=os.path.abspath(workdir), unsafe_digit=unsafe_digit,
+    result = dict(task='digits', workdir=os.path.abspath(workdir), unsafe_digit=unsafe_digit, eta=eta,
                   num_samples=num_samples, num_steps=num_steps, classifier_accuracy=net.accuracy,
                   noisy_classifier=noisy_classifier and os.path.abspath(noisy_classifier), num_ref=int(ref_stats.count),
                   target=dict(unsafe_drop=DIGITS_TARGET_DROP, fd_ratio=DIGITS_TARGET_FD),
@@ -458,6 +487,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--seed', type=int, default=0,
                     help='key of the mixture latents and reference set, and of the re-noising draws')
     ap.add_argument('--workdir', default=None, help='digits: train.py run directory of a class-conditional model')
+    ap.add_argument('--eta', type=float, default=None,
+                    help=f'unguidance\'s threshold on p_h (default: {UNGUIDANCE_ETA})')
     ap.add_argument('--unsafe_digit', type=int, default=7, help='digits: the class counted as unsafe')
     ap.add_argument('--batch_size', type=int, default=250, help='digits: samples per jitted call')
     ap.add_argument('--noisy_classifier', default=None,
@@ -469,6 +500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if num < 2 or args.num_steps < 1 or args.batch_size < 1:
         _fail('--num_samples must be >= 2, --num_steps and --batch_size >= 1', 2)
     methods = args.methods.split(',') if args.methods else None
+    eta = UNGUIDANCE_ETA[args.task] if args.eta is None else args.eta
     log = lambda m: print(m, file=sys.stderr, flush=True)
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -483,7 +515,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 refs = toy.sample(sub_mixture(build(), unsafe), jax.random.key(args.seed + 1), 256)[0]
                 method_list = [Method('none', '-', lambda d: d, 'ddpm50')] + practical_methods(
                     refs, schedules.ddpm_sigmas(DDPM_STEPS), grid, jax.random.key(args.seed + 2))
-            result, samples = run_mixture(num, args.num_steps, args.seed, methods, log, args.mixture, method_list)
+            result, samples = run_mixture(num, args.num_steps, args.seed, methods, log, args.mixture, method_list,
+                                          eta)
             name = ('mixture' if args.mixture == 'ring' else args.mixture) + suffix
             result['plot'] = mixture_plot(samples, np.asarray(build().means)[list(unsafe)],
                                           os.path.join(args.out, f'safety_{name}.png'))
@@ -492,7 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             name = 'digits' + suffix
             result, samples = run_digits(args.workdir, args.unsafe_digit, num, args.num_steps, args.batch_size,
-                                         methods, args.noisy_classifier, log, grid, args.seed)
+                                         methods, args.noisy_classifier, log, grid, args.seed, eta)
             result['plot'] = digits_plot(samples, os.path.join(args.out, f'safety_{name}.png'))
             columns = ('method', 'strength', 'solver', 'unsafe', 'fd', 'fd_ratio', 'meets_target', 'seconds')
         result['json'] = os.path.join(args.out, f'safety_{name}.json')

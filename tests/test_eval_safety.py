@@ -42,7 +42,11 @@ def test_mixture_task_end_to_end(tmp_path, capsys):
         assert set(row) >= {'unsafe', 'off', 'min_ratio', 'max_ratio', 'meets_target', 'shares', 'solver'}
         assert len(row['shares']) == 8 and np.isclose(sum(row['shares']), 1.0, atol=1e-3)
     assert 0.2 <= rows['none', '-']['unsafe'] <= 0.3 and not rows['none', '-']['meets_target']
-    for key in (('unguidance', 'gamma=30'), ('exact_safe_denoiser', 'beta*'), ('safe_classifier_guidance', 'scale=1')):
+    # Unguidance runs twice: the plain transform on EDM Heun, and the seed's exact update on its own 50-step DDIM.
+    assert rows['unguidance', 'gamma=3 seed update']['solver'] == 'ddim50'
+    assert [r['solver'] for r in result['rows'] if r['method'] == 'none'] == ['edm', 'ddim50']
+    for key in (('unguidance', 'gamma=30'), ('unguidance', 'gamma=3 seed update'), ('exact_safe_denoiser', 'beta*'),
+                ('safe_classifier_guidance', 'scale=1')):
         row = rows[key]
         assert row['unsafe'] <= 0.03 and row['off'] <= 0.01, row
         assert 0.8 <= row['min_ratio'] and row['max_ratio'] <= 1.2, row

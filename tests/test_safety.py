@@ -11,8 +11,9 @@ import pytest
 from jaxdiff import guidance as G
 from jaxdiff import schedules, toy
 from jaxdiff.safety import densities
-from jaxdiff.safety.safe_denoiser import (_fresh_noise, _state_hash, calibrate_threshold, exact_beta, exact_safe_denoiser,
-                                         paper_safe_denoiser, practical_safe_denoiser, practical_unsafe_mean, sub_mixture)
+from jaxdiff.safety.safe_denoiser import (_fresh_noise, _state_hash, calibrate_threshold, exact_beta,
+                                         exact_safe_denoiser, paper_safe_denoiser, practical_safe_denoiser,
+                                         practical_unsafe_mean, sub_mixture)
 from jaxdiff.safety.safe_guidance import safe_classifier_guidance, safe_log_prob
 from jaxdiff.safety.sld import PRESETS, sld
 from jaxdiff.safety.unguidance import negative_classifier_guidance, unguidance
