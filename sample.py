@@ -6,6 +6,7 @@
         [--grid grid.png] [--array_record] [--filter_top P --filter_classifier NAME]
         [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
+--guidance NAME:key=value reaches every transform of jaxdiff.transforms.registry (listed by --helpfull).
 --workdir is a train.py run directory or a folder written by ``python -m jaxdiff.nets.convert`` (an official EDM
 checkpoint). Sample i uses seed i alone: the same bytes whatever --batch_size, device count or host count. Output:
 OUT_DIR/shard-XXXXX.npz (images uint8 NHWC, labels int32, seeds int64) and OUT_DIR/manifest.json. Every option of
@@ -20,6 +21,7 @@ from absl import app, flags, logging
 
 from jaxdiff.sampling import options
 from jaxdiff.cli import fail, quiet_checkpoint_echoes
+from jaxdiff.transforms import registry
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'train.py run directory, or a converted EDM checkpoint folder.')
 _OUT = flags.DEFINE_string('out', None, 'Output folder for the shards and manifest.json.')
@@ -30,8 +32,10 @@ _SHARD = flags.DEFINE_integer('shard_size', 10_000, 'Samples per shard file.')
 _BALANCED = flags.DEFINE_bool('class_balanced', False, 'Label of seed s is s % num_classes (default: random).')
 _LABELS = flags.DEFINE_string('labels', None, 'Class index or comma list, cycled over seeds (default: random).')
 _SOLVER = flags.DEFINE_enum('solver', 'edm', list(options.SOLVERS), 'Sampler (jaxdiff.solvers).')
-_GUIDANCE = flags.DEFINE_multi_string('guidance', [], 'Denoiser transform, repeatable: W (= cfg:weight=W) or '
-                                      'NAME:key=value,... e.g. cfg:weight=2,schedule=linear,negative=3.')
+_GUIDANCE = flags.DEFINE_multi_string('guidance', [], 'Denoiser transform, repeatable, applied in order: W '
+                                      '(= cfg:weight=W) or NAME:key=value,... e.g. cfg:weight=2,schedule=linear,'
+                                      'negative=3; classes are indices, run=DIR a noise-conditional classifier run. '
+                                      'NAME is one of:\n' + registry.usage())
 _EMA = flags.DEFINE_bool('use_ema', True, 'Sample from the EMA params (train.py runs).')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of a train.py run (default: the newest usable).')
 _GRID = flags.DEFINE_string('grid', None, 'Also write a PNG grid of the first (up to 100) samples here.')

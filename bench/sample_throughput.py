@@ -67,7 +67,7 @@ def main() -> None:
     settings = {'num_steps': args.num_steps} if 'num_steps' in options.solver_defaults(args.solver) else {}
     resolved = options.resolve_solver(args.solver, settings, sigma_range(config))
     transform, _ = options.make_transform([str(args.guidance)] if args.guidance is not None else [],
-                                          net.label_dim, *options.grid_ends(resolved, sigma_range(config)))
+                                          net.label_dim, args.solver, resolved, sigma_range(config))
     base = lambda v: denoiser_fn(config, net, v)  # noqa: E731
     denoiser = base if transform is None else (lambda v: transform(base(v)))
     labels = gen.make_labels(net.label_dim, class_balanced=bool(net.label_dim))

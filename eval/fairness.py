@@ -11,9 +11,9 @@ is conditioned on s0 while sigma > tau and on s1 = 1 - s0 after; at a tau where 
 depends on s0 the BER is 0.5 whatever the prior, and the rate is the common rate of the two switching
 directions there (0.5 when the two attributes mirror each other; see mixture_weak).
 
-- mixture tasks (:data:`MIXTURES`): 2-D mixtures built by :func:`jaxdiff.fairness.attribute_mixture`, with
+- mixture tasks (:data:`MIXTURES`): 2-D mixtures built by :func:`jaxdiff.transforms.attribute_switching.attribute_mixture`, with
   their exact denoiser; the shown attribute is that of a sample's most likely region (for the mirror pair, the
-  side of the plane: the Bayes classifier). ``mixture`` is :func:`jaxdiff.fairness.mirror_mixture`; the others
+  side of the plane: the Bayes classifier). ``mixture`` is :func:`jaxdiff.transforms.attribute_switching.mirror_mixture`; the others
   vary one thing each (region spreads, conditioning strength, several interleaved modes per attribute,
   overlap). Also reports the attribute-blind base model (zero cond).
 - digits: a train.py run (class-conditional, 10 classes). Attribute 0 / 1 are the two --classes (3 and 8 share
@@ -21,8 +21,8 @@ directions there (0.5 when the two attributes mirror each other; see mixture_wea
   classifier's verdict: the rate is the fraction classified as the second class among the samples classified
   as either; samples classified as any other digit are counted (``valid``) and left out of rate and BER.
 
-tau comes from :func:`jaxdiff.fairness.tau_search` on the sampler's grid (per-sample s0 -> s1 rows, so both
-directions count) under both criteria of :func:`jaxdiff.fairness.switch_curve`, scored on the same chains:
+tau comes from :func:`jaxdiff.transforms.attribute_switching.tau_search` on the sampler's grid (per-sample s0 -> s1 rows, so both
+directions count) under both criteria of :func:`jaxdiff.transforms.attribute_switching.switch_curve`, scored on the same chains:
 ``switch_search`` switches at the reference's (norm across the batch), ``switch_search_sample`` at the per-sample
 norm's. With --scan_samples > 0 every grid index is also tried on a separate calibration batch and the one
 whose BER is closest to 0.5 is evaluated as ``switch_best`` (the default for the mixtures; on the digits net it
@@ -47,14 +47,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import fairness as F
+from jaxdiff.transforms import attribute_switching as F
 from jaxdiff import schedules, toy
 from jaxdiff.cli import fail
 from jaxdiff.solvers import heun_sampler
 
 PROG = 'eval.fairness'
 FAIR = 0.5
-# The run that switches at each tau_search criterion's tau (jaxdiff.fairness.switch_curve): batch is the reference's.
+# The run that switches at each tau_search criterion's tau (jaxdiff.transforms.attribute_switching.switch_curve): batch is the reference's.
 SEARCH_RUNS = {'batch': 'switch_search', 'sample': 'switch_search_sample'}
 
 
@@ -96,7 +96,7 @@ MIXTURES = {
 
 def mixture_task(steps: int, prior: float, name: str = 'mixture') -> Task:
     """The 2-D mixture task ``name`` (a key of :data:`MIXTURES`) with the data bias p(s = 1) = prior; the shown
-    attribute is that of the sample's most likely region (:meth:`jaxdiff.fairness.AttributeMixture.shown`)."""
+    attribute is that of the sample's most likely region (:meth:`jaxdiff.transforms.attribute_switching.AttributeMixture.shown`)."""
     what, build = MIXTURES[name]
     am = build(prior)
     return Task(toy.denoiser(am.gm), lambda a: jax.nn.one_hot(a, 2),

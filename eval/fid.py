@@ -36,7 +36,8 @@ class ImageSet(dict):
 
 def load_image_set(spec: str) -> ImageSet:
     """An image set (see the module docstring) by its command-line spec; errors are one-line."""
-    from jaxdiff.data.sources import FolderSource, as_nhwc
+    from jaxdiff.data.arrays import as_nhwc
+    from jaxdiff.data.sources import FolderSource
     from jaxdiff.sampling import shards
     name, _, split = spec.partition(':')
     if name in DATASETS and not os.path.exists(spec):

@@ -120,7 +120,8 @@ class Classifier:
 
 def load_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, H, W, C), labels int32 (N,)) of a --data spec (module docstring); one-line errors."""
-    from jaxdiff.data.sources import as_nhwc, load_digits, load_fashion_mnist
+    from jaxdiff.data.arrays import as_nhwc
+    from jaxdiff.data.sources import load_digits, load_fashion_mnist
     name, _, split = spec.partition(':')
     if name in DATASETS and not os.path.exists(spec):
         from jaxdiff.metrics.feature_classifier import SPLITS, dataset_split

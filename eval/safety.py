@@ -146,7 +146,7 @@ MIXTURES = {
 def seed_unguidance_methods(harm, eta: float, gammas: Sequence[float], grid) -> list[Method]:
     """Unguidance with the seed's exact DDIM update on the 50-step DDIM grid ``grid`` (N+1,) at each gamma
     (invlinear schedule, threshold eta), after that solver's ``none`` row."""
-    from jaxdiff.safety import unguidance
+    from jaxdiff.transforms import unguidance
     eta_ddim = DISCRETE['ddim50'][1]
     return [Method('none', '-', lambda d: d, 'ddim50')] + [
         Method('unguidance', f'gamma={g:g} seed update', unguidance(harm, g, eta, 'invlinear', grid=grid,
@@ -156,7 +156,7 @@ def seed_unguidance_methods(harm, eta: float, gammas: Sequence[float], grid) -> 
 def practical_methods(refs, ddpm_grid, settings: Sequence[tuple], key) -> list[Method]:
     """practical_safe_denoiser rows on the 50-step DDPM grid: settings (scale, bandwidth, window_steps, gate) with
     gate None (no gate) or the margin below the calibrated threshold (quantile 0 at the grid's last level)."""
-    from jaxdiff.safety import calibrate_threshold, practical_safe_denoiser
+    from jaxdiff.transforms import calibrate_threshold, practical_safe_denoiser
     out = []
     for scale, bandwidth, window, margin in settings:
         thr = (float('-inf') if margin is None else
@@ -182,7 +182,7 @@ def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs, ddpm_grid=None, key
     ddpm_grid, key: the 50-step DDPM/DDIM grid and the practical safe denoiser's re-noising key (None: the rows on
     the discrete solvers are left out); eta: unguidance's threshold."""
     from jaxdiff import toy
-    from jaxdiff.safety import (PRESETS, exact_safe_denoiser, mixture_density, negative_classifier_guidance,
+    from jaxdiff.transforms import (PRESETS, exact_safe_denoiser, mixture_density, negative_classifier_guidance,
                                 paper_safe_denoiser, safe_classifier_guidance, sld, unguidance)
     harm = mixture_density(gm, unsafe, smoothing=1.0)
     safety_cond = jax.nn.one_hot(jnp.array([1]), gm.num_classes)
@@ -246,7 +246,7 @@ def run_mixture(num_samples: int, num_steps: int, seed: int = 0, methods: Option
     eta: unguidance's threshold.
     """
     from jaxdiff import schedules, toy
-    from jaxdiff.safety import sub_mixture
+    from jaxdiff.transforms import sub_mixture
     if mixture not in MIXTURES:
         raise ValueError(f'unknown mixture {mixture!r}; choose one of {", ".join(MIXTURES)}')
     build, unsafe = MIXTURES[mixture]
@@ -328,8 +328,8 @@ def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
         the discrete solvers are left out).
     eta: unguidance's threshold on the classifier's probability of the unsafe digit.
     """
-    from jaxdiff.safety import PRESETS, classifier_density, negative_classifier_guidance, paper_safe_denoiser, sld
-    from jaxdiff.safety import safe_classifier_guidance, unguidance
+    from jaxdiff.transforms import PRESETS, classifier_density, negative_classifier_guidance, paper_safe_denoiser, sld
+    from jaxdiff.transforms import safe_classifier_guidance, unguidance
     harm = classifier_density(logits_fn, [unsafe_digit])
     safety_cond = jax.nn.one_hot(jnp.array([unsafe_digit]), num_classes)
     methods = [Method('none', '-', lambda d: d)]
@@ -383,7 +383,7 @@ def run_digits(workdir: str, unsafe_digit: int, num_samples: int, num_steps: int
     from jaxdiff.sampling.generate import local_mesh
     from jaxdiff.sampling.model import load_model
     from jaxdiff.sampling.options import grid_ends
-    from jaxdiff.classifier_guidance import noisy_classifier_logits
+    from jaxdiff.sampling.model import noisy_classifier_logits
     model = load_model(workdir)
     net = load_or_train('digits_classifier', log=log)
     noisy = noisy_classifier_logits(noisy_classifier) if noisy_classifier else None
@@ -511,7 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             method_list = None
             if grid:
                 from jaxdiff import schedules, toy
-                from jaxdiff.safety import sub_mixture
+                from jaxdiff.transforms import sub_mixture
                 refs = toy.sample(sub_mixture(build(), unsafe), jax.random.key(args.seed + 1), 256)[0]
                 method_list = [Method('none', '-', lambda d: d, 'ddpm50')] + practical_methods(
                     refs, schedules.ddpm_sigmas(DDPM_STEPS), grid, jax.random.key(args.seed + 2))

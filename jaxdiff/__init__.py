@@ -7,7 +7,8 @@ The one idea: everything that generates goes through ``denoiser(x, sigma, cond) 
 - :mod:`jaxdiff.precond`    EDM / VP / VE / iDDPM preconditioning: network -> denoiser;
 - :mod:`jaxdiff.losses`     EDM / VP / VE training losses;
 - :mod:`jaxdiff.solvers`    samplers as ``lax.scan`` over a precomputed grid;
-- :mod:`jaxdiff.guidance`   transforms denoiser -> denoiser (CFG, schedules, negative conditions) and ``chain``;
+- :mod:`jaxdiff.transforms` every transform denoiser -> denoiser (CFG, classifier guidance, safety, fairness),
+  ``chain`` and the registry sample.py reads;
 - :mod:`jaxdiff.toy`        Gaussian mixtures with exact denoisers (the test oracle);
 - :mod:`jaxdiff.nets`       SongUNet (DDPM++/NCSN++), DhariwalUNet (ADM), EDM checkpoint conversion.
 """

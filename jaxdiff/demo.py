@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance, solvers, toy
+from jaxdiff import solvers, toy, transforms
 from jaxdiff.metrics import sliced_wasserstein
 
 
@@ -68,7 +68,7 @@ def main(argv=None) -> dict:
     cond0 = jax.nn.one_hot(jnp.zeros(args.n, jnp.int32), 2)
     cfg_rows = []
     for w in (0.0, 1.0, 3.0):
-        d = guidance.cfg(w)(den)
+        d = transforms.cfg(w)(den)
         x = jax.jit(lambda z: solvers.edm_sampler(d, z, cond=cond0))(latents)
         shares = np.asarray(toy.mode_shares(gm, x))
         radius = float(jnp.mean(jnp.linalg.norm(x, axis=1)))

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+
 import os
 from typing import Mapping, Optional, Sequence
 
@@ -119,3 +121,12 @@ def global_to_host(tree) -> object:
     """Fetch every leaf of a pytree of (possibly multi-host sharded) jax Arrays as full numpy arrays."""
     from jax.experimental import multihost_utils
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def local_checksum(tree) -> str:
+    """sha256 (16 hex digits) of this process's first addressable shard of every leaf: equal on all processes
+    when the leaves are replicated (the multi-host consistency check printed at the end of a run)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        digest.update(np.ascontiguousarray(np.asarray(leaf.addressable_shards[0].data)).tobytes())
+    return digest.hexdigest()[:16]

@@ -214,16 +214,6 @@ def vp_betas_from_range(sigma_min: float, sigma_max: float, epsilon_s: float = 1
     return beta_d, math.log(sigma_max ** 2 + 1) - 0.5 * beta_d
 
 
-def progress(sigma, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
-    """Sampling progress s in [0, 1] of a noise level: 0 at sigma_max (pure noise), 1 at sigma_min.
-
-    Measured in EDM's rho-warped time, so it is linear in the step index on the Karras grid; clipped.
-    """
-    inv = 1.0 / rho
-    s = (sigma_max ** inv - jnp.asarray(sigma) ** inv) / (sigma_max ** inv - sigma_min ** inv)
-    return jnp.clip(s, 0.0, 1.0)
-
-
 def _xp(a):
     """numpy for host-side grids (float64), jax.numpy for traced values."""
     return np if isinstance(a, (np.ndarray, np.generic, float, int)) else jnp

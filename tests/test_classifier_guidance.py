@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import guidance as G
+from jaxdiff import transforms as G
 from jaxdiff import toy
-from jaxdiff.classifier_guidance import classifier_guidance
+from jaxdiff.transforms.classifier import classifier_guidance
 from jaxdiff.solvers import edm_sampler
 
 RING = toy.ring_mixture(labels=[0, 1, 2, 3] * 2, num_classes=4)

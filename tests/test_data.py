@@ -260,17 +260,35 @@ def test_iterator_digits():
         assert batch['image'].min() == -1 and batch['label'].max() <= 9
 
 
-def test_host_shards_disjoint_and_cover_each_epoch(tmp_path):
+def global_batches(config, batch, seed, processes, steps, state=None):
+    """The global batches of ``steps`` steps read by ``processes`` hosts (their slices side by side)."""
+    iterators = [make_iterator(config, global_batch_size=batch, seed=seed, process_index=p,
+                               process_count=processes)[0] for p in range(processes)]
+    for iterator in iterators:
+        if state is not None:
+            iterator.set_state(state)
+    return [np.concatenate([indices(next(it)) for it in iterators]) for _ in range(steps)]
+
+
+def test_global_batches_do_not_depend_on_the_process_count(tmp_path):
     config = data_config(source='npz', path=index_npz(tmp_path))
-    epochs = []
-    for host in range(2):  # 25 images per host, 5 per local batch: 5 batches = one epoch of the shard
-        iterator, _ = make_iterator(config, global_batch_size=10, seed=3, process_index=host, process_count=2)
-        seen = np.concatenate([indices(b) for b in take(iterator, 10)])
-        assert all(len(b['image']) == 5 for b in take(iterator, 1))
-        assert sorted(seen[:25]) == sorted(seen[25:]) and len(set(seen[:25])) == 25
-        assert not np.array_equal(seen[:25], seen[25:])  # reshuffled in the second epoch
-        epochs.append(set(seen[:25]))
-    assert epochs[0].isdisjoint(epochs[1]) and epochs[0] | epochs[1] == set(range(50))
+    one = global_batches(config, 10, 3, 1, 10)  # 50 images, 5 global batches an epoch
+    for processes in (2, 5):
+        for want, got in zip(one, global_batches(config, 10, 3, processes, 10)):
+            np.testing.assert_array_equal(got, want)
+    seen = np.concatenate(one)
+    assert sorted(seen[:50]) == sorted(seen[50:]) == list(range(50))  # each epoch covers the data once ...
+    assert not np.array_equal(seen[:50], seen[50:])                      # ... reshuffled
+
+
+def test_resume_on_another_process_count(tmp_path):
+    config = data_config(source='npz', path=index_npz(tmp_path), xflip=True)
+    iterator, _ = make_iterator(config, global_batch_size=8, seed=5)
+    take(iterator, 7)
+    state = json.loads(json.dumps(iterator.get_state()))
+    want = [indices(b) for b in take(iterator, 12)]
+    for got, expected in zip(global_batches(config, 8, 5, 4, 12, state), want):
+        np.testing.assert_array_equal(got, expected)
 
 
 def test_deterministic_given_seed(tmp_path):

@@ -25,7 +25,7 @@ def test_mixture_switching_reaches_the_fair_rate(env, tmp_path):
 
     It is asserted at the best grid tau (calibrated on its own batch, evaluated on fresh noise): the tau_search
     minimisers miss the fair point on this mixture (the reference's criterion switches too late, rate ~0.64, the
-    per-sample norm's too early, ~0.39, with the biased prior; see jaxdiff.fairness.tau_search), so for them only
+    per-sample norm's too early, ~0.39, with the biased prior; see jaxdiff.transforms.attribute_switching.tau_search), so for them only
     "inside the mixing phase" is asserted.
     """
     # The scan window keeps the calibration to the grid near the two searched taus, which bracket the fair point.
@@ -81,7 +81,7 @@ def test_digits_path_on_a_tiny_net(run_dir):
 def test_every_mixture_task_is_selectable_and_shows_its_regions():
     """Each 2-D task of E.MIXTURES parses with the mixture defaults, is a normalised two-condition mixture, and its
     regions' centres (and points 1.5 std out from them, away from the origin) show their own attribute."""
-    from jaxdiff import fairness as F
+    from jaxdiff.transforms import attribute_switching as F
     assert {'mixture', 'mixture_spread', 'mixture_weak', 'mixture_ring', 'mixture_close'} <= set(E.MIXTURES)
     for name, (_, build) in E.MIXTURES.items():
         args = E.parse_args(['--task', name])

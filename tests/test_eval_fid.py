@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from eval import fid
+from jaxdiff import cli as cli_module
 from jaxdiff.metrics import frechet
 from jaxdiff.sampling import shards
 
@@ -82,7 +83,7 @@ def test_cli_json_line_and_stats_file(cache, tmp_path):
     assert json.load(open(tmp_path / 'r.json')) == a
 
 
-def test_one_line_errors(cache, tmp_path):
+def test_one_line_errors(cache, tmp_path, monkeypatch):
     (tmp_path / 'empty').mkdir()
     small = tmp_path / 'small.npz'
     np.savez(small, images=np.zeros((10, 16, 16, 1), np.uint8))
@@ -95,12 +96,26 @@ def test_one_line_errors(cache, tmp_path):
         (['--samples', 'digits', '--ref', 'digits', '--features', 'inception', '--inception_weights',
           tmp_path / 'missing.pth'], 'missing.pth'),
     ]
-    for args, match in cases:
-        result = cli(*args)
-        errors = [l for l in result.stderr.splitlines() if l.startswith('eval.fid: error:')]
-        assert result.returncode == 1 and len(errors) == 1 and match in errors[0], (args, result.stderr[-2000:])
-        assert 'Traceback' not in result.stderr
-    assert cli('--samples', 'digits').returncode == 2
+    # The first case as users run it (a subprocess: one line, exit 1, no traceback); the rest in this process, with
+    # fail's exit turned into SystemExit (a subprocess each would cost ~5 s of imports).
+    result = cli(*cases[0][0])
+    errors = [l for l in result.stderr.splitlines() if l.startswith('eval.fid: error:')]
+    assert result.returncode == 1 and len(errors) == 1 and cases[0][1] in errors[0], result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr
+
+    def fail(prog, message, code):
+        raise SystemExit((code, f'{prog}: error: {message}'))
+
+    monkeypatch.setattr(fid, 'fail', fail)
+    monkeypatch.setattr(cli_module, 'fail', fail)  # argument errors
+    for args, match in cases[1:]:
+        with pytest.raises(SystemExit) as exit:
+            fid.main([str(a) for a in args])
+        code, line = exit.value.code
+        assert code == 1 and line.startswith('eval.fid: error:') and match in line, (args, line)
+    with pytest.raises(SystemExit) as exit:
+        fid.main(['--samples', 'digits'])
+    assert exit.value.code == (2, 'eval.fid: error: the following arguments are required: --ref')
 
 
 def test_inception_features_give_fid(tmp_path):

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from eval import safety
-from jaxdiff import classifier_guidance, schedules
+from jaxdiff import schedules
+from jaxdiff.sampling import model as sampling_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -94,7 +95,7 @@ def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, m
         return fn
 
     monkeypatch.setattr(safety, 'digits_methods', first_strengths)
-    monkeypatch.setattr(classifier_guidance, 'noisy_classifier_logits', noisy_logits)
+    monkeypatch.setattr(sampling_model, 'noisy_classifier_logits', noisy_logits)
     result, samples = safety.run_digits(run_dir, 7, num_samples=16, num_steps=18, batch_size=8,
                                         noisy_classifier='stand-in', log=lambda m: None)
     names = [r['method'] for r in result['rows']]

@@ -1,15 +1,15 @@
 """Attribute switching, the tau criterion and the balanced error rate, on an exact 2-D mixture.
 
-The toy is :func:`jaxdiff.fairness.mirror_mixture` (biased base rate 0.725 of attribute 1, read off by
-the Bayes classifier :func:`jaxdiff.fairness.mirror_attribute`).
+The toy is :func:`jaxdiff.transforms.attribute_switching.mirror_mixture` (biased base rate 0.725 of attribute 1, read off by
+the Bayes classifier :func:`jaxdiff.transforms.attribute_switching.mirror_attribute`).
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import fairness as F
-from jaxdiff import guidance as G
+from jaxdiff.transforms import attribute_switching as F
+from jaxdiff import transforms as G
 from jaxdiff import schedules, toy
 from jaxdiff.solvers import ddim_sampler, dpm_solver_pp_2m_sampler, euler_sampler, heun_sampler
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import guidance as G
+from jaxdiff import transforms as G
 from jaxdiff import schedules, toy
 from jaxdiff.denoiser import StatefulDenoiser, as_stateful
 

@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import guidance as G
 from jaxdiff import parallel
-from jaxdiff.classifier_guidance import classifier_guidance, noisy_classifier_log_prob
+from jaxdiff import transforms as G
 from jaxdiff.config import base_config
 from jaxdiff.data.sources import load_digits
 from jaxdiff.nets.noisy_classifier import NoisyClassifier, noisy_logits
+from jaxdiff.sampling import options
+from jaxdiff.sampling.model import noisy_classifier_log_prob
 from jaxdiff.solvers import edm_sampler
+from jaxdiff.transforms.classifier import classifier_guidance
 from jaxdiff.train import build_net, init_sharded_state, make_train_step
 from jaxdiff.train.loop import make_data
 from test_train_cli import assert_one_line_error
@@ -131,6 +133,14 @@ def test_cli_trains_resumes_and_feeds_guidance(env, tmp_path):
     x = jnp.zeros((3, 8, 8, 1))
     out = log_prob(x, jnp.float32(0.5), jax.nn.one_hot(jnp.arange(3), 10))
     assert out.shape == (3,) and bool(jnp.all(out < 0))
+    # sample.py's --guidance classifier:run=DIR (an unquoted path) builds the same guided denoiser.
+    edm = options.resolve_solver('edm', {}, (0.002, 80.0))
+    transform, _ = options.make_transform([f'classifier:run={tmp_path},scale=2'], 10, 'edm', edm, (0.002, 80.0))
+    shrink = lambda x, sigma, c=None: x / (1 + jnp.reshape(sigma, (-1, 1, 1, 1)) ** 2)  # noqa: E731
+    x, sigma, cond = jax.random.normal(jax.random.key(1), (3, 8, 8, 1)), jnp.full((3,), 0.5), jax.nn.one_hot(
+        jnp.arange(3), 10)
+    np.testing.assert_allclose(np.asarray(transform(shrink)(x, sigma, cond)),
+                               np.asarray(classifier_guidance(log_prob, 2.0)(shrink)(x, sigma, cond)), rtol=1e-6)
     from jaxdiff.sampling.model import load_model
     with pytest.raises(ValueError, match='noisy classifier run'):
         load_model(str(tmp_path))

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance, precond, solvers
+from jaxdiff import precond, solvers, transforms
 from jaxdiff.nets import SongUNet
 
 NET = SongUNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=3, model_channels=16,
@@ -23,7 +23,7 @@ def test_net_precond_cfg_solver_compose_and_jit_once():
     @jax.jit
     def sample(latents, keys, labels):
         traces.append(1)
-        den = guidance.cfg(2.0, schedule="linear")(precond.edm(NET, variables, label_dim=3))
+        den = transforms.cfg(2.0, schedule="linear")(precond.edm(NET, variables, label_dim=3))
         return solvers.edm_sampler(den, latents, key=keys, cond=labels, num_steps=6, S_churn=5.0)
 
     z = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))

@@ -8,18 +8,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import guidance as G
 from jaxdiff import schedules, toy
-from jaxdiff.safety import densities
-from jaxdiff.safety.safe_denoiser import (_fresh_noise, _state_hash, calibrate_threshold, exact_beta,
-                                         exact_safe_denoiser, paper_safe_denoiser, practical_safe_denoiser,
+from jaxdiff import transforms as G
+from jaxdiff.transforms import densities
+from jaxdiff.transforms.safe_denoiser import (_fresh_noise, _state_hash, calibrate_threshold, exact_beta,
+                                             exact_safe_denoiser, paper_safe_denoiser, practical_safe_denoiser,
                                          practical_unsafe_mean, sub_mixture)
-from jaxdiff.safety.safe_guidance import safe_classifier_guidance, safe_log_prob
-from jaxdiff.safety.sld import PRESETS, sld
-from jaxdiff.safety.unguidance import negative_classifier_guidance, unguidance
+from jaxdiff.transforms.safe_guidance import safe_classifier_guidance, safe_log_prob
+from jaxdiff.transforms.sld import PRESETS, sld
+from jaxdiff.transforms.unguidance import negative_classifier_guidance, unguidance
 from jaxdiff.solvers import ddim_sampler, edm_sampler
 from jaxdiff.solvers._scan import step_noise
-from jaxdiff.trajectory import ddim_mean_coef, next_level, shift_x0
+from jaxdiff.transforms.trajectory import ddim_mean_coef, next_level, shift_x0
 
 UNSAFE = [0, 1]
 # Class 1 marks the unsafe modes: SLD's safety concept and CFG's condition need labels.

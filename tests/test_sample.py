@@ -150,10 +150,11 @@ def test_solvers_and_guidance_from_options(tmp_path):
     with pytest.raises(ValueError, match="takes no option S_churn"):
         options.resolve_solver('ddim', {'S_churn': 1.0}, (0.002, 80.0))
     assert options.resolve_solver('edm', {}, (0.01, 20.0))['sigma_max'] == 20.0
+    edm = options.resolve_solver('edm', {}, (0.002, 80.0))
     with pytest.raises(ValueError, match='unknown transform'):
-        options.make_transform(['sld:scale=1'], 2, 0.002, 80)
+        options.make_transform(['slf:scale=1'], 2, 'edm', edm, (0.002, 80.0))
     with pytest.raises(ValueError, match='unconditional'):
-        options.make_transform(['2'], 0, 0.002, 80)
+        options.make_transform(['2'], 0, 'edm', edm, (0.002, 80.0))
 
 
 def test_filter_keeps_top_fraction_per_class():

@@ -188,7 +188,13 @@ def test_restore_on_8_fake_devices(env, tmp_path):
     assert status[20] is None and status[10] is None
 
 
-def test_two_processes_train_together(env, tmp_path):
+def max_param_diff(a, b):
+    import jax
+    return max(float(np.max(np.abs(x - y))) for name in ('params', 'ema')
+               for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])))
+
+
+def test_two_processes_train_together(env, short_run, tmp_path):
     workdir = tmp_path / 'run'
     port = free_port()
     results = run_together([command(workdir, '--config.total_steps=20', f'--coordinator_address=127.0.0.1:{port}',
@@ -200,3 +206,13 @@ def test_two_processes_train_together(env, tmp_path):
     assert sums[0] == sums[1]
     assert 'step 20/20' in outs[0][0] and '2 process(es)' in outs[0][0]
     assert ckpt.verify(str(workdir)) == {10: None, 20: None}
+    # Each process reads its slice of the same global batches, so two processes run the one-process run (to float
+    # tolerance: the gradient mean is summed over two devices), and their checkpoint resumes on one process.
+    assert max_param_diff(final(workdir), final(short_run)) < 1e-5
+    resumed = tmp_path / 'resumed'
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / 'checkpoints' / '20')
+    result = train(env, resumed, '--config.total_steps=20')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'resumed on 1' in result.stdout + result.stderr
+    assert max_param_diff(final(resumed), final(workdir)) < 1e-5

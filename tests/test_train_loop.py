@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import snapshot, truncate_largest_file
 from jaxdiff.train import checkpoint as ckpt
-from jaxdiff.train import loop, metrics_log, sample_grid
+from jaxdiff.train import loop, metrics_log, sample_grid, signals
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -186,7 +186,7 @@ def test_gmm2d_mlp_trains_and_plots(tmp_path):
 
 def test_stop_signal_flag():
     import signal
-    with loop.StopSignal() as stop:
+    with signals.StopSignal() as stop:
         assert not stop.requested()
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested()

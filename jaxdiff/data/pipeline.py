@@ -1,10 +1,12 @@
-"""The grain input pipeline: host shard -> per-epoch shuffle -> repeat -> batch -> [-1, 1] floats.
+"""The grain input pipeline: the global batch of step s is a function of (seed, s, data) alone; each host loads
+its slice of it.
 
-Order (MapDataset): source [+ x-flipped copies, EDM's ``--xflip``: indices N..2N-1 are the mirrored images] ->
-``[process_index::process_count]`` (hosts read disjoint shards that together cover the data) -> ``shuffle(seed)``
-(grain reshuffles every epoch with seed + epoch) -> ``repeat()`` (endless) -> ``batch(B // process_count)`` ->
-uint8 to float32 in [-1, 1] -> ``to_iter_dataset()`` [-> ``mp_prefetch`` with ``worker_count`` processes].
-Batches may straddle epochs, as with EDM's InfiniteSampler. The iterator's ``get_state()`` is a small JSON dict.
+Order (MapDataset): record indices 0..N-1 [+ N..2N-1 for EDM's ``--xflip``: the mirrored images] -> ``shuffle(seed)``
+(grain reshuffles every epoch with seed + epoch) -> ``repeat()`` (endless) -> ``batch(B)`` (global batches of
+indices; they may straddle epochs, as with EDM's InfiniteSampler) -> this host's slice ``[p * B / P : (p + 1) * B /
+P]`` of each -> load those records -> uint8 to float32 in [-1, 1] -> ``to_iter_dataset()`` [-> ``mp_prefetch`` with
+``worker_count`` processes]. So 1 process and P processes train on the same global batches, and the iterator's
+``get_state()`` (a small JSON dict: how many global batches were taken) resumes a run on any process count.
 """
 from __future__ import annotations
 
@@ -34,14 +36,41 @@ def _mark_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def make_dataset(source: Any, *, xflip: bool, local_batch_size: int, seed: int, process_index: int,
-                 process_count: int) -> grain.MapDataset:
-    """The endless MapDataset of this host's batches: dict(image=float32 (b, H, W, C), label=int32 (b,))."""
-    dataset = grain.MapDataset.source(source)
-    if xflip:
-        dataset = grain.MapDataset.concatenate([dataset, dataset.map(flip_x)])
-    dataset = dataset[process_index::process_count].shuffle(seed).repeat()
-    return dataset.batch(local_batch_size, drop_remainder=True).map(to_float)
+class HostSlice:
+    """Loads this host's slice of a global batch of record indices: indices (B,) -> dict(image=uint8 (b, H, W, C),
+    label (b,)), b = B / process_count; an index i >= ``size`` is record i - size mirrored (xflip)."""
+
+    def __init__(self, source: Any, size: int, process_index: int, process_count: int):
+        self.source, self.size, self.index, self.count = source, size, process_index, process_count
+
+    def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        local = len(indices) // self.count
+        items = [self._item(int(i)) for i in indices[self.index * local:(self.index + 1) * local]]
+        return dict(image=np.stack([x['image'] for x in items]), label=np.asarray([x['label'] for x in items]))
+
+    def _item(self, i: int) -> dict[str, np.ndarray]:
+        return self.source[i] if i < self.size else flip_x(self.source[i - self.size])
+
+
+def host_batches(source: Any, *, global_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                 xflip: bool = False) -> grain.MapDataset:
+    """The endless MapDataset of this host's slices of the global batches: dict(image=(b, H, W, C) as the source
+    stores it, label=(b,)), b = global_batch_size / process_count (module docstring). Raises ValueError for a
+    batch the processes cannot split or a process index out of range."""
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f'batch_size={global_batch_size} must be a positive multiple of the process count '
+                         f'({process_count}); change --config.batch_size')
+    if not 0 <= process_index < process_count:
+        raise ValueError(f'process_index={process_index} is outside 0..{process_count - 1}')
+    size = len(source)
+    indices = grain.MapDataset.range((2 if xflip else 1) * size).shuffle(seed).repeat()
+    batches = indices.batch(global_batch_size, drop_remainder=True)
+    return batches.map(HostSlice(source, size, process_index, process_count))
+
+
+def data_seed(config: Any, seed: int) -> int:
+    """The shuffle seed: ``config.shuffle_seed``, or the run's ``seed`` when it is -1 (mod 2**32)."""
+    return (seed if config.shuffle_seed < 0 else config.shuffle_seed) % 2**32
 
 
 def make_iterator(config: Any, *, global_batch_size: int, seed: int, process_index: int = 0,
@@ -49,20 +78,15 @@ def make_iterator(config: Any, *, global_batch_size: int, seed: int, process_ind
     """``config.data`` -> (endless iterator of this host's share of each global batch, DatasetInfo).
 
     Yields dict(image=float32 (global_batch_size // process_count, R, R, C) in [-1, 1], label=int32 (same,)).
-    The order depends only on the seed (``config.shuffle_seed``, or ``seed`` when it is -1) and the host;
-    ``iterator.get_state()`` / ``set_state(state)`` save and resume it (the state is JSON-serialisable).
+    The global batches depend only on the seed (``config.shuffle_seed``, or ``seed`` when it is -1) and the data;
+    the host takes its slice. ``iterator.get_state()`` / ``set_state(state)`` save and resume the position (JSON-
+    serialisable, the same on every host, valid for any process count).
     With ``config.worker_count > 0`` the caller's ``__main__`` must be guarded (grain starts processes).
     """
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f'batch_size={global_batch_size} must be a positive multiple of the process count '
-                         f'({process_count}); change --config.batch_size')
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} is outside 0..{process_count - 1}')
     source, info = make_source(config)
-    data_seed = (seed if config.shuffle_seed < 0 else config.shuffle_seed) % 2**32
-    dataset = make_dataset(source, xflip=config.xflip, local_batch_size=global_batch_size // process_count,
-                           seed=data_seed, process_index=process_index, process_count=process_count)
-    iter_dataset = dataset.to_iter_dataset()
+    dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),
+                           process_index=process_index, process_count=process_count, xflip=config.xflip)
+    iter_dataset = dataset.map(to_float).to_iter_dataset()
     if config.worker_count > 0:
         _mark_flags_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))

@@ -16,7 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from jaxdiff.data.sources import as_nhwc, num_classes_of
+from jaxdiff.data.arrays import as_nhwc, num_classes_of
 
 
 def encode_example(image: np.ndarray, label: int, num_classes: int) -> bytes:

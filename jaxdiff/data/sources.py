@@ -26,6 +26,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxdiff.data import records
+from jaxdiff.data.arrays import as_nhwc, num_classes_of
+
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg')
 SOURCES = ('digits', 'fashion_mnist', 'npz', 'folder', 'array_record', 'tfds')
@@ -89,20 +92,6 @@ def check_resolution(shape: tuple[int, ...], resolution: int, what: str) -> int:
         raise ValueError(f'data.resolution={resolution} is invalid for {what} ({height}x{width} images): '
                          f'use 0 (native) or a side >= {height} (integer multiples upsample, others zero-pad)')
     return resolution or height
-
-
-def as_nhwc(images: np.ndarray, what: str) -> np.ndarray:
-    """uint8 (N, H, W) or (N, H, W, C) -> (N, H, W, C); ValueError naming ``what`` otherwise."""
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(f'{what}: images must be uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}')
-    if len(images) == 0:
-        raise ValueError(f'{what} holds no images')
-    return images[..., None] if images.ndim == 3 else images
-
-
-def num_classes_of(labels: np.ndarray | None) -> int:
-    """max(label) + 1, or 0 when there are no labels."""
-    return 0 if labels is None else int(labels.max()) + 1
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -214,7 +203,6 @@ class FolderSource:
 
 def _raw_source(config: Any) -> tuple[Any, tuple[int, int, int], int]:
     """(source of native images, native (H, W, C), num_classes) for ``config.source``."""
-    from jaxdiff.data import records  # pylint: disable=import-outside-toplevel
     name = config.source
     if name in ('digits', 'fashion_mnist', 'npz'):
         if name == 'digits':

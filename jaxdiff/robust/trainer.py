@@ -280,7 +280,7 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Train (or resume) ``config`` in ``workdir``; returns {'step', 'stopped_by_signal', 'resumed_from',
     'best' (best.json dict or None), 'checksum'}. Raises ValueError / FileNotFoundError / CheckpointError with
     one-line messages (bad config, missing data, NaN loss: the last checkpoint is kept)."""
-    from jaxdiff.train.loop import StopSignal
+    from jaxdiff.train.signals import StopSignal
     check_config(config)
     with StopSignal() as stop:
         return _run(config, workdir, allow_config_change, stop)
@@ -289,7 +289,6 @@ def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
 def _run(config, workdir: str, allow_config_change: bool, stop) -> dict:
     from jaxdiff.robust import adv_step, mixed_data
     from jaxdiff.train import checkpoint as ckpt
-    from jaxdiff.train.loop import local_checksum
 
     primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -413,4 +412,4 @@ def _run(config, workdir: str, allow_config_change: bool, stop) -> dict:
                  (f'; best PGD accuracy {best["pgd_acc"]:.4f} (clean {best["clean_acc"]:.4f}) at step '
                   f'{best["step"]} in {os.path.join(workdir, BEST_DIR)}' if best else ''))
     return dict(step=step, stopped_by_signal=stopped, resumed_from=resumed_from, best=best,
-                checksum=local_checksum((state.params, state.ema)))
+                checksum=parallel.local_checksum((state.params, state.ema)))

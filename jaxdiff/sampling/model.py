@@ -13,12 +13,13 @@ sampler's sigma_min / sigma_max to it).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import ml_collections
 
 from jaxdiff import precond
 from jaxdiff.denoiser import Denoiser
+from jaxdiff.transforms.classifier import LogitsFn, LogProbFn, class_log_prob
 
 
 class Model(NamedTuple):
@@ -95,8 +96,8 @@ def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
     run = load_run(workdir, use_ema=use_ema, step=step)
     config, net = run.config, run.net
     if is_classifier(config):
-        raise ValueError(f'{workdir} is a noisy classifier run, not a denoiser; use it for guidance through '
-                         'jaxdiff.classifier_guidance.noisy_classifier_log_prob')
+        raise ValueError(f'{workdir} is a noisy classifier run, not a denoiser; guide a denoiser with it: '
+                         f'sample.py --guidance classifier:run={workdir}')
     description = dict(kind='train_run', path=os.path.abspath(workdir), step=run.step,
                        params='ema' if use_ema else 'raw', arch=config.model.arch, precond=config.model.precond)
     return Model(net=net, variables=run.variables, denoiser=lambda v: denoiser_fn(config, net, v),
@@ -144,3 +145,41 @@ def _converted(folder: str) -> Model:
                        source=config.get('source'))
     return Model(net=net, variables=variables, denoiser=denoiser, resolution=int(net.img_resolution),
                  channels=channels, label_dim=label_dim, sigma_range=(lo, hi), description=description)
+
+
+def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[float] = None, use_ema: bool = True,
+                            step: Optional[int] = None) -> LogitsFn:
+    """logits_fn(x (B,H,W,C), sigma () or (B,)) -> (B, num_classes) of a noise-conditional classifier.
+
+    source: a train.py run directory of task=noisy_classifier (config.json + checkpoints/; the EMA params of the
+        newest usable checkpoint, or of ``step``, or the raw params with use_ema=False), or (net, variables) of a
+        ``jaxdiff.nets.noisy_classifier.NoisyClassifier``.
+    sigma_data: the input scaling's data std (default: the run's config.model.sigma_data; 0.5 for (net, variables)).
+    The returned function carries the class count as ``logits_fn.num_classes``.
+    """
+    from jaxdiff.nets.noisy_classifier import noisy_logits
+    from jaxdiff.train.model import is_classifier
+    if isinstance(source, str):
+        run = load_run(source, use_ema=use_ema, step=step)
+        if not is_classifier(run.config):
+            raise ValueError(f'{source} is a {run.config.get("task", "denoiser")} run, not a noisy classifier; '
+                             'train one with configs/*_noisy_classifier.py')
+        net, variables, sd = run.net, run.variables, run.config.model.sigma_data
+    else:
+        net, variables = source
+        sd = 0.5
+    sd = sd if sigma_data is None else sigma_data
+
+    def logits_fn(x, sigma):
+        return noisy_logits(net, variables, x, sigma, sigma_data=sd)
+
+    logits_fn.num_classes = net.num_classes
+    return logits_fn
+
+
+def noisy_classifier_log_prob(source: Union[str, tuple], **kwargs) -> LogProbFn:
+    """log_prob_fn(x (B,H,W,C), sigma () or (B,), cond (B, num_classes) one-hot) -> (B,) for
+    :func:`jaxdiff.transforms.classifier_guidance` (:func:`jaxdiff.transforms.classifier.class_log_prob` of
+    :func:`noisy_classifier_logits`; source and kwargs as there)."""
+    logits_fn = noisy_classifier_logits(source, **kwargs)
+    return class_log_prob(logits_fn, logits_fn.num_classes)

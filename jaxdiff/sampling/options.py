@@ -8,20 +8,28 @@ preconditioning supports (as EDM's generate.py does); a solver whose default ran
 depends on the discretization) gets it from ``_SIGMA_DEFAULTS`` before the clipping.
 
 Transforms are written ``name:key=value,key=value`` (values as Python literals), e.g. ``cfg:weight=2,
-schedule=linear``; a bare number ``2`` means ``cfg:weight=2``. Several transforms compose left to right with
-:func:`jaxdiff.guidance.chain` (the first is applied to the model first).
+schedule=linear``, any name of :data:`jaxdiff.transforms.registry.REGISTRY`; a bare number ``2`` means
+``cfg:weight=2``. Several transforms compose left to right with
+:func:`jaxdiff.transforms.chain` (the first is applied to the model first).
 """
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import math
+import os
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxdiff import guidance, solvers
+from jaxdiff import solvers, transforms
+from jaxdiff.data.sources import load_npz
+from jaxdiff.sampling.model import noisy_classifier_logits
 from jaxdiff.solvers import ablation
+from jaxdiff.transforms import registry
 
 SOLVERS: dict[str, Callable] = {
     'edm': solvers.edm_sampler,
@@ -104,6 +112,24 @@ def make_solver(name: str, resolved: Mapping[str, Any]) -> Callable:
     return lambda denoiser, latents, key, cond: fn(denoiser, latents, key=key, cond=cond, **kwargs)
 
 
+def _top_level_split(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and quotes: 'a=(1,2),b="x,y"' -> ['a=(1,2)', 'b="x,y"']."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in '\'"':
+            quote = ch
+        elif ch in '([{':
+            depth += 1
+        elif ch in ')]}':
+            depth -= 1
+        elif ch == ',' and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_transform(spec: str) -> tuple[str, dict[str, Any]]:
     """'cfg:weight=2,schedule=linear' -> ('cfg', {'weight': 2, 'schedule': 'linear'}); '2' -> ('cfg', {'weight': 2})."""
     spec = spec.strip()
@@ -112,7 +138,7 @@ def parse_transform(spec: str) -> tuple[str, dict[str, Any]]:
         return 'cfg', {'weight': float(value)}
     name, _, rest = spec.partition(':')
     kwargs = {}
-    for item in filter(None, (part.strip() for part in rest.split(','))):
+    for item in filter(None, (part.strip() for part in _top_level_split(rest))):
         key, eq, text = item.partition('=')
         if not eq:
             raise ValueError(f'transform {spec!r}: expected key=value, got {item!r}')
@@ -120,44 +146,57 @@ def parse_transform(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kwargs
 
 
-def _cfg(kwargs: dict, label_dim: int, sigma_min: float, sigma_max: float) -> guidance.Transform:
-    """Classifier-free guidance; ``negative`` is a class index (one-hot, broadcast over the batch)."""
-    if not label_dim:
-        raise ValueError('cfg needs a class-conditional model; this one is unconditional')
-    if 'weight' not in kwargs:
-        raise ValueError('cfg needs weight=W (1 = the conditional model)')
-    kwargs = dict(kwargs)
-    negative = kwargs.pop('negative', None)
-    if negative is not None:
-        if not isinstance(negative, int) or not 0 <= negative < label_dim:
-            raise ValueError(f'cfg negative={negative!r} must be a class index in 0..{label_dim - 1}')
-        negative = jnp.eye(label_dim, dtype=jnp.float32)[negative][None]
-    return guidance.cfg(float(kwargs.pop('weight')), negative=negative, sigma_min=sigma_min, sigma_max=sigma_max,
-                        **kwargs)
-
-
-TRANSFORMS: dict[str, Callable[..., guidance.Transform]] = {'cfg': _cfg}
-
-
-def make_transform(specs: Sequence[str], label_dim: int, sigma_min: float,
-                   sigma_max: float) -> tuple[guidance.Transform | None, list[dict]]:
+def make_transform(specs: Sequence[str], label_dim: int, solver: str, resolved: Mapping[str, Any],
+                   sigma_range: tuple[float, float]) -> tuple[transforms.Transform | None, list[dict]]:
     """(the chained transform or None, [{'name', **kwargs}] for the manifest) from transform specs.
 
-    sigma_min / sigma_max: the solver's grid ends (weight schedules measure progress on them).
+    Names and arguments: :data:`jaxdiff.transforms.registry.REGISTRY`. solver, resolved: the solver and its full
+    options (:func:`resolve_solver`), whose grid and DDIM eta the transforms that follow the trajectory use;
+    sigma_range: the model's. Raises ValueError naming the spec for an unknown name or argument.
     """
+    ctx = registry.Context(label_dim, *grid_ends(resolved, sigma_range), grid=functools.cache(
+        lambda: solver_grid(make_solver(solver, resolved))), ddim_eta=DDIM_ETA.get(solver, lambda o: 0.0)(resolved),
+        load_classifier=noisy_classifier_logits, load_images=reference_images)
     built, described = [], []
     for spec in specs:
         name, kwargs = parse_transform(spec)
-        if name not in TRANSFORMS:
-            raise ValueError(f'unknown transform {name!r} in {spec!r}: use one of {", ".join(TRANSFORMS)}')
         try:
-            built.append(TRANSFORMS[name](kwargs, label_dim, sigma_min, sigma_max))
-        except TypeError as e:
-            raise ValueError(f'transform {spec!r}: {e}') from e
+            built.append(registry.build(name, kwargs, ctx))
+        except ValueError as e:
+            raise ValueError(f'--guidance {spec!r}: {e}') from e
         described.append({'name': name, **kwargs})
     if not built:
         return None, []
-    return guidance.chain(*built), described
+    return transforms.chain(*built), described
+
+
+# The DDIM eta each solver's step has (DDPM is DDIM at eta 1; Euler and Heun's predictor at eta 0): the exact seed
+# update of unguidance and the practical safe denoiser assume it.
+DDIM_ETA: dict[str, Callable[[Mapping[str, Any]], float]] = {'ddim': lambda o: float(o['eta']),
+                                                             'ddpm': lambda o: 1.0}
+
+
+def solver_grid(sampler: Callable) -> np.ndarray:
+    """The sigma grid (N+1,) a sampler (:func:`make_solver`'s) evaluates, decreasing, ending in 0: every distinct
+    sigma a stand-in denoiser is called with in one run on a 1-sample latent, then 0."""
+    seen = []
+
+    def stand_in(x, sigma, cond=None):
+        jax.debug.callback(lambda s: seen.extend(np.ravel(np.asarray(s)).tolist()), sigma)
+        return jnp.zeros_like(x)
+
+    jax.block_until_ready(sampler(stand_in, jnp.zeros((1, 1)), jax.random.key(0)[None], None))
+    levels = np.unique(np.asarray([s for s in seen if s > 0], np.float64))[::-1]
+    return np.concatenate([levels, [0.0]])
+
+
+def reference_images(path: str) -> np.ndarray:
+    """(M, H, W, C) float32 images in [-1, 1] from an .npz with ``images`` uint8 (the safe denoiser's references)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'reference images {path!r} not found: save them with np.savez(path, images=uint8 '
+                                'array (M, H, W, C))')
+    images, _ = load_npz(path)
+    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def grid_ends(resolved: Mapping[str, Any], sigma_range: tuple[float, float]) -> tuple[float, float]:

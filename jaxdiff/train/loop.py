@@ -12,56 +12,18 @@ folded with the step inside the step function, so a resumed run repeats the unin
 from __future__ import annotations
 
 import os
-import signal
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 
 from jaxdiff import parallel
 from jaxdiff.train import checkpoint as ckpt
 from jaxdiff.train import metrics_log, sample_grid
+from jaxdiff.train.signals import StopSignal
 
 # Everything a run needs from the model / state / step modules is imported lazily in run(), so the CLI can print
 # config errors before initialising a backend.
-
-
-class StopSignal:
-    """Records SIGTERM / SIGINT instead of dying, so the loop can finish the step, save and exit cleanly.
-
-    A second SIGINT while stopping raises KeyboardInterrupt (the user really wants out).
-    """
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def requested(self) -> bool:
-        """Whether any process received a stop signal (all processes agree: one tiny all-gather per step)."""
-        flag = self.received is not None
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).max())
-        return flag
 
 
 def check_config(config) -> None:
@@ -89,34 +51,28 @@ def make_data(config) -> tuple[Any, Any]:
     return make_iterator(config.data, **kwargs)
 
 
-def _restore_data(iterator, data: dict) -> None:
-    """Put this process's saved iterator state back (warn and start afresh if the process count changed)."""
+def _restore_data(iterator, data: dict) -> str:
+    """Put the saved iterator position back; returns what happened, for the log. Every process holds the same position (the global batches taken,
+    jaxdiff.data.pipeline), so a checkpoint of any process count resumes on this one; positions that differ (a
+    checkpoint of an older, per-host pipeline on another process count) restart the data order with a warning."""
     states = data.get('states') or []
     if not any(states):  # written outside train.py (e.g. a trigger fine-tune): no data position to go back to
-        logging.info('the checkpoint holds no data-iterator state: data order starts from the seed')
-        return
-    if data.get('process_count') != jax.process_count() or len(states) != jax.process_count():
-        logging.warning('checkpoint was written by %s process(es), this run has %d: data order restarts from the '
-                        'seed (params, EMA and optimizer state are restored)', data.get('process_count'),
-                        jax.process_count())
-        return
-    iterator.set_state(states[jax.process_index()])
-
-
-def local_checksum(tree) -> str:
-    """sha256 (16 hex digits) of this process's first addressable shard of every leaf: equal on all processes
-    when the leaves are replicated (the multi-host consistency check printed at the end of a run)."""
-    import hashlib
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(tree):
-        digest.update(np.ascontiguousarray(np.asarray(leaf.addressable_shards[0].data)).tobytes())
-    return digest.hexdigest()[:16]
+        return 'the checkpoint holds no data-iterator state: data order starts from the seed'
+    if len(states) == jax.process_count():
+        iterator.set_state(states[jax.process_index()])
+        return ''
+    if all(state == states[0] for state in states):
+        iterator.set_state(states[0])
+        return (f'checkpoint written by {len(states)} process(es), resumed on {jax.process_count()}: the same '
+                'global batches from here on')
+    return (f'warning: checkpoint written by {len(states)} process(es) at different data positions, this run has '
+            f'{jax.process_count()}: data order restarts from the seed (params, EMA and optimizer state restored)')
 
 
 def run(config, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Train ``config`` in ``workdir`` (resuming from its latest usable checkpoint); returns a summary dict
     {'step', 'stopped_by_signal', 'last_samples' (PNG path or None), 'resumed_from' (step or None),
-    'checksum' (:func:`local_checksum` of the final params and EMA)}.
+    'checksum' (:func:`jaxdiff.parallel.local_checksum` of the final params and EMA)}.
 
     Raises ValueError / FileNotFoundError (bad config or data), ckpt.ConfigMismatchError (the workdir holds another
     config), ckpt.CheckpointError (every checkpoint damaged) with one-line messages; nothing saved is deleted.
@@ -151,12 +107,13 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
                                         out_shardings=(replicated,) * 3)()
     checkpointer = ckpt.Checkpointer(workdir, config.keep_checkpoints)
     restored = checkpointer.restore_latest(abstract)
+    data_note = ''
     if restored is None:
         state = init_sharded_state(config, net, info, k_init, mesh)
         resumed_from = None
     else:
         state, data, _ = restored
-        _restore_data(iterator, data)
+        data_note = _restore_data(iterator, data)
         resumed_from = int(jax.device_get(state.step))
     if primary:
         ckpt.check_config(workdir, config, allow_config_change, write=True)
@@ -170,6 +127,8 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
                 f'{jax.device_count()} device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}')
     logger.info(metrics_log.parameter_overview(state.params))
     logger.info(f'resuming from step {resumed_from}' if resumed_from is not None else 'starting from step 0')
+    if data_note:
+        logger.info(data_note)
 
     step_fn = make_train_step(config, net, mesh)
     train_key, sample_key = k_train, k_sample
@@ -225,4 +184,4 @@ def _run(config, workdir: str, allow_config_change: bool, stop: StopSignal) -> d
         logger.info(f'done: step {step}, checkpoints in {checkpointer.directory}'
                     + (f', samples {last_samples}' if last_samples else ''))
     return dict(step=step, stopped_by_signal=stopped, last_samples=last_samples, resumed_from=resumed_from,
-                checksum=local_checksum((state.params, state.ema)))
+                checksum=parallel.local_checksum((state.params, state.ema)))

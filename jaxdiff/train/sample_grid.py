@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import guidance, parallel, precond, solvers
+from jaxdiff import parallel, precond, solvers, transforms
 from jaxdiff.train.model import denoiser_fn
 
 MAX_CLASS_COLUMNS = 32  # beyond this many classes a grid is near-square (sorted by label), not one column each
@@ -51,7 +51,7 @@ def generate(config, net, variables: dict, key: jax.Array, shape: tuple[int, ...
     labels = sample_labels(n, net.label_dim)
     if labels is not None and config.sampling.guidance != 1.0:
         lo, hi = sigma_range(config)
-        denoise = guidance.cfg(config.sampling.guidance, sigma_min=lo, sigma_max=hi)(denoise)
+        denoise = transforms.cfg(config.sampling.guidance, sigma_min=lo, sigma_max=hi)(denoise)
     lo, hi = sigma_range(config)
     return solvers.edm_sampler(denoise, latents, cond=labels, num_steps=config.sampling.num_steps, sigma_min=lo,
                                sigma_max=hi)

@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxdiff import toy
 from jaxdiff.data import DatasetInfo
+from jaxdiff.data.pipeline import data_seed, host_batches
 
 NUM_POINTS = 16384
 NUM_MODES = 8
@@ -42,13 +43,10 @@ def make_gmm2d_iterator(config: Any, *, global_batch_size: int, seed: int, proce
                         process_count: int = 1) -> tuple[grain.DatasetIterator, DatasetInfo]:
     """Like :func:`jaxdiff.data.make_iterator` for ``config.source == 'gmm2d'``: yields dict(image=float32
     (global_batch_size // process_count, 1, 1, 2), label=int32 (same,)); the state is JSON-serialisable."""
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f'batch_size={global_batch_size} must be a positive multiple of the process count '
-                         f'({process_count}); change --config.batch_size')
-    data_seed = (seed if config.shuffle_seed < 0 else config.shuffle_seed) % 2**32
-    points, labels = toy.sample(ring(), jax.random.key(data_seed), NUM_POINTS)
+    shuffle = data_seed(config, seed)
+    points, labels = toy.sample(ring(), jax.random.key(shuffle), NUM_POINTS)
     source = PointSource(np.asarray(points, np.float32), np.asarray(labels, np.int32))
-    dataset = grain.MapDataset.source(source)[process_index::process_count].shuffle(data_seed).repeat()
-    dataset = dataset.batch(global_batch_size // process_count, drop_remainder=True)
+    dataset = host_batches(source, global_batch_size=global_batch_size, seed=shuffle, process_index=process_index,
+                           process_count=process_count)
     info = DatasetInfo(resolution=1, channels=2, num_classes=NUM_MODES, size=NUM_POINTS)
     return iter(dataset.to_iter_dataset()), info

@@ -298,7 +298,7 @@ def train(config, workdir: str, *, allow_config_change: bool = False, print_fn: 
     the NaN case keeps the last checkpoint untouched.
     """
     from jaxdiff.train import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
-    from jaxdiff.train.loop import StopSignal  # pylint: disable=import-outside-toplevel
+    from jaxdiff.train.signals import StopSignal  # pylint: disable=import-outside-toplevel
 
     check_config(config)
     images, _, info = load_images(config.data)

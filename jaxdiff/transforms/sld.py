@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.denoiser import eps_from_x0, expand_sigma, x0_from_eps
-from jaxdiff.guidance import Transform, stateful
+from jaxdiff.transforms.base import Transform, stateful
 
 
 class SLDConfig(NamedTuple):

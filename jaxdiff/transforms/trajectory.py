@@ -1,4 +1,5 @@
-"""Where a denoiser call is on the sampling trajectory, read from sigma alone, and how to make a solver's step land
+"""Where a denoiser call is on the sampling trajectory, read from sigma alone (:func:`progress` along EDM's
+rho-warped time, :func:`next_level` of the solver's grid), and how to make a solver's step land
 somewhere else without touching the solver.
 
 A transform sees ``(x, sigma, cond)`` only. A method written for one solver's *update* (unguidance's DDIM step
@@ -25,6 +26,16 @@ from jaxdiff.denoiser import expand_sigma
 # A level counts as "below sigma" when it is below sigma * (1 - RTOL): a sigma handed over in float32 from a float64
 # grid is then matched to its own level, not taken for the level under it.
 RTOL = 1e-5
+
+
+def progress(sigma, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+    """Sampling progress s in [0, 1] of a noise level: 0 at sigma_max (pure noise), 1 at sigma_min.
+
+    Measured in EDM's rho-warped time, so it is linear in the step index on the Karras grid; clipped.
+    """
+    inv = 1.0 / rho
+    s = (sigma_max ** inv - jnp.asarray(sigma) ** inv) / (sigma_max ** inv - sigma_min ** inv)
+    return jnp.clip(s, 0.0, 1.0)
 
 
 def next_level(sigma, grid) -> jax.Array:

@@ -6,7 +6,7 @@ Conditioning the data on safety is Bayes' rule on the noisy marginals,
     P_sigma(safe | x) = 1 - P_sigma(unsafe | x),
 
 so with an exact noisy posterior and scale 1 the guided denoiser *is* the safe part's denoiser (for a mixture,
-:func:`jaxdiff.safety.exact_safe_denoiser`'s output). The usual negative guidance instead adds
+:func:`jaxdiff.transforms.exact_safe_denoiser`'s output). The usual negative guidance instead adds
 ``-grad log P_sigma(unsafe | x)``: the two agree only where P(unsafe | x) is near 1/2. In safe regions
 (P(unsafe) -> 0) negative guidance still pushes with ``grad P / P``, which stays large, and so keeps moving
 samples that were never unsafe (the skew of the safe modes it shows on the 2-D mixture), while the Bayes term
@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.classifier_guidance import classifier_guidance
-from jaxdiff.guidance import Transform
+from jaxdiff.transforms.classifier import classifier_guidance
+from jaxdiff.transforms.base import Transform
 
 
 def safe_log_prob(logits_fn: Callable[[jax.Array, jax.Array], jax.Array], unsafe_classes: Sequence[int],
@@ -51,7 +51,7 @@ def safe_classifier_guidance(logits_fn: Callable[[jax.Array, jax.Array], jax.Arr
     """D + scale * sigma^2 * grad_x log P_sigma(safe | x): guidance away from the unsafe classes on x_t.
 
     logits_fn, unsafe_classes, num_classes: as :func:`safe_log_prob` (e.g.
-    ``jaxdiff.classifier_guidance.noisy_classifier_logits(run_dir)``, whose ``.num_classes`` gives the count).
+    ``jaxdiff.sampling.model.noisy_classifier_logits(run_dir)``, whose ``.num_classes`` gives the count).
     scale: 1 is Bayes' rule (exact with an exact classifier); larger pushes further from the unsafe classes.
     Shapes: x (B, ...), sigma () or (B,), cond the inner denoiser's -> (B, ...). One denoiser call and one
     classifier gradient per evaluation.

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxdiff import toy
 from jaxdiff.denoiser import as_stateful, eps_from_x0, per_sample_sigma
-from jaxdiff.guidance import Transform, stateless
+from jaxdiff.transforms.base import Transform, stateless
 
 
 def switch_sigma(sigmas, index) -> jax.Array:

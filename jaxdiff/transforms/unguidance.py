@@ -15,8 +15,8 @@ corrected x0 (9-18% of g per step on the 50-step DDIM grid, 18-34% with DDPM, al
 gamma would not mean the seed's gamma. Two modes:
 
 - ``grid`` given (the sampler's sigma grid; ``ddim_eta`` its DDIM eta, 1 for ancestral DDPM): the transform
-  returns x0_hat - g / (1 - m/sigma) (:func:`jaxdiff.trajectory.shift_x0`, sigma' from
-  :func:`jaxdiff.trajectory.next_level`), which makes the DDIM/DDPM step on that grid *exactly* the seed's
+  returns x0_hat - g / (1 - m/sigma) (:func:`jaxdiff.transforms.trajectory.shift_x0`, sigma' from
+  :func:`jaxdiff.transforms.trajectory.next_level`), which makes the DDIM/DDPM step on that grid *exactly* the seed's
   update. EDM's Euler step is DDIM eta = 0, so ``euler_sampler`` on the same grid with ddim_eta = 0 is exact too.
   Under Heun the first evaluation's Euler predictor lands exactly on the seed's x' and the trapezoid averages it
   with a second corrected evaluation at sigma' (next level sigma''): the step moves by
@@ -39,8 +39,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.denoiser import StatefulDenoiser, expand_sigma
-from jaxdiff.guidance import Transform, guidance_weight, stateless
-from jaxdiff.trajectory import next_level, shift_x0
+from jaxdiff.transforms.base import Transform, stateless
+from jaxdiff.transforms.cfg import guidance_weight
+from jaxdiff.transforms.trajectory import next_level, shift_x0
 
 # log p_h is taken of max(p_h, TINY): a sample whose density underflows to 0 gets a zero gradient, not NaN.
 TINY = 1e-30
@@ -65,7 +66,7 @@ def unguidance(harm_density: Callable[[jax.Array], jax.Array], gamma: float = 75
                **schedule_kwargs) -> Transform:
     """Unguidance with CDTC as a transform (seed defaults gamma = 75, eta = 0.23 are for CLIP cosine densities).
 
-    harm_density: x0 (B, ...) -> (B,) in [0, 1] (see :mod:`jaxdiff.safety.densities`); its log's gradient is
+    harm_density: x0 (B, ...) -> (B,) in [0, 1] (see :mod:`jaxdiff.transforms.densities`); its log's gradient is
         the correction direction.
     gamma: step size; gamma_schedule: None (constant) or a key of guidance.WEIGHT_SCHEDULES, evaluated on the
         Karras progress of sigma over (sigma_min, sigma_max, rho) exactly like CFG's weight schedules.

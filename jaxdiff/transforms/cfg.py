@@ -1,12 +1,7 @@
-"""Guidance as transforms: a transform maps a denoiser to a denoiser.
+"""Classifier-free guidance and its weight schedules.
 
-``transform(denoiser) -> denoiser``. Plain denoisers stay plain under stateless transforms; a stateful
-transform (built with :func:`stateful`) returns a :class:`~jaxdiff.denoiser.StatefulDenoiser` whose state
-is ``(own_state, inner_state)`` and which every solver carries through its scan. :func:`chain` composes
-transforms, the first one innermost: ``chain(a, b)(D) == b(a(D))``.
-
-Classifier-free guidance convention used throughout (in denoiser / x0 space, which is the same affine
-combination as in epsilon space because eps = (x - x0)/sigma is affine in x0 at fixed x, sigma):
+Convention used throughout (in denoiser / x0 space, which is the same affine combination as in epsilon space
+because eps = (x - x0)/sigma is affine in x0 at fixed x, sigma):
 
     D_w = D_u + w * (D_c - D_u)
 
@@ -15,92 +10,18 @@ so ``w = 1`` is the conditional model, ``w = 0`` the unconditional one. Papers t
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import schedules
-from jaxdiff.denoiser import AnyDenoiser, StatefulDenoiser, expand_sigma, sigma_grid, with_sigma_grid
-
-Transform = Callable[[AnyDenoiser], AnyDenoiser]
-Call = Callable[[jax.Array, jax.Array, Any], jax.Array]
-
-
-def chain(*transforms: Transform) -> Transform:
-    """Compose transforms, first innermost; ``chain()`` is the identity."""
-
-    def apply(denoiser: AnyDenoiser) -> AnyDenoiser:
-        for t in transforms:
-            denoiser = t(denoiser)
-        return denoiser
-
-    return apply
-
-
-def stateless(combine: Callable[[Call, jax.Array, jax.Array, Any], jax.Array]) -> Transform:
-    """Build a transform from ``combine(call, x, sigma, cond) -> x0_hat``, where ``call(x, sigma, cond)``
-    evaluates the inner denoiser (as often as the method needs). Inner state, if any, is threaded
-    through the calls in order."""
-
-    def transform(inner: AnyDenoiser) -> AnyDenoiser:
-        if not isinstance(inner, StatefulDenoiser):
-            # A discrete-level denoiser's grid stays declared, so the EDM samplers still round onto it.
-            return with_sigma_grid(lambda x, sigma, cond=None: combine(inner, x, sigma, cond), sigma_grid(inner))
-
-        def apply(x, sigma, cond, state):
-            call, final = _threaded(inner, state)
-            return combine(call, x, sigma, cond), final()
-
-        return StatefulDenoiser(inner.init, apply)
-
-    return transform
-
-
-def stateful(init: Callable[[jax.Array], Any],
-             update: Callable[[Call, jax.Array, jax.Array, Any, Any], tuple[jax.Array, Any]]) -> Transform:
-    """Build a stateful transform, optax-style.
-
-    init(x (B, ...)) -> state (a NamedTuple of arrays);
-    update(call, x, sigma, cond, state) -> (x0_hat, new_state), called once per evaluation of the
-    transformed denoiser, ``call`` evaluating the inner denoiser.
-    The resulting denoiser's state is ``(state, inner_state)``.
-    """
-
-    def transform(inner: AnyDenoiser) -> StatefulDenoiser:
-        inner_sd = inner if isinstance(inner, StatefulDenoiser) else None
-
-        def init_all(x):
-            return init(x), (inner_sd.init(x) if inner_sd else ())
-
-        def apply(x, sigma, cond, state):
-            own, inner_state = state
-            if inner_sd is None:
-                out, own = update(inner, x, sigma, cond, own)
-                return out, (own, inner_state)
-            call, final = _threaded(inner_sd, inner_state)
-            out, own = update(call, x, sigma, cond, own)
-            return out, (own, final())
-
-        return StatefulDenoiser(init_all, apply)
-
-    return transform
-
-
-def _threaded(inner: StatefulDenoiser, state):
-    """A plain call for a stateful denoiser that threads its state through successive calls (during
-    tracing, in program order) and a getter for the final state."""
-    box = [state]
-
-    def call(x, sigma, cond=None):
-        out, box[0] = inner.apply(x, sigma, cond, box[0])
-        return out
-
-    return call, lambda: box[0]
+from jaxdiff.denoiser import expand_sigma
+from jaxdiff.transforms.base import Transform, stateless
+from jaxdiff.transforms.trajectory import progress
 
 
 # --- CFG weight schedules (Wang et al., "Analysis of Classifier-Free Guidance Weight Schedulers", TMLR 2024).
-# Each maps progress s in [0, 1] (0 = pure noise, 1 = clean; see schedules.progress) and the nominal weight w
+# Each maps progress s in [0, 1] (0 = pure noise, 1 = clean; see trajectory.progress) and the nominal weight w
 # to the weight used at that step; the parameter-free ones average to w over s in [0, 1], the parametrised ones
 # (clamp_linear, pcs) do not.
 
@@ -157,7 +78,7 @@ def guidance_weight(weight: float, sigma, schedule: str = "constant", *, sigma_m
     """
     if schedule not in WEIGHT_SCHEDULES:
         raise ValueError(f"unknown CFG weight schedule {schedule!r}; choose one of {sorted(WEIGHT_SCHEDULES)}")
-    s = schedules.progress(sigma, sigma_min, sigma_max, rho)
+    s = progress(sigma, sigma_min, sigma_max, rho)
     return WEIGHT_SCHEDULES[schedule](s, weight, **schedule_kwargs)
 
 

@@ -14,18 +14,19 @@ conditional denoiser E[x0 | x, y]; scale > 1 pushes samples further towards wher
 confident (the score of p_sigma(x) p_sigma(y | x)^scale, which is not the noised version of any one
 distribution, hence "sharpened" rather than an exact target).
 
-:func:`noisy_classifier_log_prob` supplies log p_sigma(y | x) from a noise-conditional classifier trained by
-``train.py`` with ``task='noisy_classifier'`` (e.g. configs/digits_noisy_classifier.py).
+:func:`class_log_prob` turns a noise-conditional classifier's logits into log p_sigma(y | x);
+:func:`jaxdiff.sampling.model.noisy_classifier_logits` loads one trained by ``train.py`` with
+``task='noisy_classifier'`` (e.g. configs/digits_noisy_classifier.py).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff.denoiser import expand_sigma
-from jaxdiff.guidance import Transform, stateless
+from jaxdiff.transforms.base import Transform, stateless
 
 LogProbFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
@@ -53,47 +54,13 @@ def classifier_guidance(log_prob_fn: LogProbFn, scale: float) -> Transform:
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[float] = None, use_ema: bool = True,
-                            step: Optional[int] = None) -> LogitsFn:
-    """logits_fn(x (B,H,W,C), sigma () or (B,)) -> (B, num_classes) of a noise-conditional classifier.
-
-    source: a train.py run directory of task=noisy_classifier (config.json + checkpoints/; the EMA params of the
-        newest usable checkpoint, or of ``step``, or the raw params with use_ema=False), or (net, variables) of a
-        ``jaxdiff.nets.noisy_classifier.NoisyClassifier``.
-    sigma_data: the input scaling's data std (default: the run's config.model.sigma_data; 0.5 for (net, variables)).
-    The returned function carries the class count as ``logits_fn.num_classes``.
-    """
-    from jaxdiff.nets.noisy_classifier import noisy_logits
-    if isinstance(source, str):
-        from jaxdiff.sampling.model import load_run
-        from jaxdiff.train.model import is_classifier
-        run = load_run(source, use_ema=use_ema, step=step)
-        if not is_classifier(run.config):
-            raise ValueError(f'{source} is a {run.config.get("task", "denoiser")} run, not a noisy classifier; '
-                             'train one with configs/*_noisy_classifier.py')
-        net, variables, sd = run.net, run.variables, run.config.model.sigma_data
-    else:
-        net, variables = source
-        sd = 0.5
-    sd = sd if sigma_data is None else sigma_data
-
-    def logits_fn(x, sigma):
-        return noisy_logits(net, variables, x, sigma, sigma_data=sd)
-
-    logits_fn.num_classes = net.num_classes
-    return logits_fn
-
-
-def noisy_classifier_log_prob(source: Union[str, tuple], **kwargs) -> LogProbFn:
+def class_log_prob(logits_fn: LogitsFn, num_classes: int) -> LogProbFn:
     """log_prob_fn(x (B,H,W,C), sigma () or (B,), cond (B, num_classes) one-hot) -> (B,) for
-    :func:`classifier_guidance`, from a noise-conditional classifier (source and kwargs as
-    :func:`noisy_classifier_logits`).
+    :func:`classifier_guidance`, from a noise-conditional classifier's logits_fn(x, sigma) -> (B, num_classes).
 
     cond rows weight the classes' log-probabilities (sum_k cond_k log p(k | x)): a one-hot row picks its class, an
     all-zero row (the unconditional label) gives 0 and so no guidance.
     """
-    logits_fn = noisy_classifier_logits(source, **kwargs)
-    num_classes = logits_fn.num_classes
 
     def log_prob(x, sigma, cond):
         if cond is None or cond.shape != (x.shape[0], num_classes):

@@ -17,8 +17,8 @@ posterior mean of the safe part follows from the data and unsafe posterior means
   reference set on x0_hat passes a threshold, x0' = x0_hat - s * E_u (E_u itself, not E - E_u, scaled by s), the
   latent is re-noised from x0' with fresh noise, x_r = x0' + sigma n, and the solver's step is taken from x_r
   with the OLD noise prediction eps_theta(x_t). As a transform this is the x0 that makes the DDIM/DDPM step on
-  the given grid land where the code's step lands (:func:`jaxdiff.trajectory.shift_x0`). The official settings
-  are in :data:`REFERENCE_SETTINGS`.
+  the given grid land where the code's step lands (:func:`jaxdiff.transforms.trajectory.shift_x0`). The official
+  settings are in :data:`REFERENCE_SETTINGS`.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ import numpy as np
 
 from jaxdiff import toy
 from jaxdiff.denoiser import expand_sigma, per_sample_sigma
-from jaxdiff.guidance import Transform, stateful, stateless
-from jaxdiff.safety.densities import unsafe_mask
-from jaxdiff.trajectory import RTOL, next_level, shift_x0
+from jaxdiff.transforms.base import Transform, stateful, stateless
+from jaxdiff.transforms.densities import unsafe_mask
+from jaxdiff.transforms.trajectory import RTOL, next_level, shift_x0
 
 
 def sub_mixture(gm: toy.GaussianMixture, components: Sequence[int]) -> toy.GaussianMixture:
@@ -217,7 +217,7 @@ def practical_safe_denoiser(unsafe_refs, scale: float = 0.33, bandwidth: float =
         variant (and a stateless transform) that is a plain shift of x' by -s E_u.
     With ddim_sampler / ddpm_sampler on ``grid`` a corrected step is exactly the code's: x_r = x0' + sigma n, then
     the step from x_r with the old eps, x' = x_r + (m - sigma) eps_theta(x_t) + c z (m, c of
-    :mod:`jaxdiff.trajectory`); the returned x0 is x0_hat + (x_r - x) / (1 - m / sigma). Under EDM's Euler
+    :mod:`jaxdiff.transforms.trajectory`); the returned x0 is x0_hat + (x_r - x) / (1 - m / sigma). Under EDM's Euler
     step (DDIM eta = 0) with ddim_eta = 0 it is exact as well; under Heun the predictor lands there and the
     corrector averages it with the plain second evaluation (outside the window) or a second re-noising.
     Shapes: x (B, ...), sigma () or (B,), cond the inner denoiser's -> (B, ...); one inner call per evaluation.

@@ -1,7 +1,7 @@
 """Harm densities p_h for unguidance: functions ``x0 (B, ...) -> (B,)`` with values in [0, 1].
 
 A harm density scores a *clean* point (the denoiser's x0_hat), so it needs no noise-aware model. Each
-sample's score must depend on that sample alone (no batch statistics): :mod:`jaxdiff.safety.unguidance`
+sample's score must depend on that sample alone (no batch statistics): :mod:`jaxdiff.transforms.unguidance`
 differentiates the batch sum of log p_h to get every sample's own gradient.
 
 Multi-concept rule of the seed (safe sampling by unguidance, CLIP multi-concept pseudo-density): the density
