@@ -335,3 +335,27 @@ def test_worker_processes_give_the_same_batches(tmp_path):
     workers = take(make_iterator(config, global_batch_size=10, seed=2)[0], 6)
     for want, got in zip(plain, workers):
         np.testing.assert_array_equal(want['image'], got['image'])
+
+
+def test_sample_shards_read_on_demand_equal_the_loaded_folder(tmp_path):
+    from jaxdiff.data.sample_shards import ShardImages
+    from jaxdiff.sampling import shards
+    rng = np.random.default_rng(0)
+    for k, n in enumerate((5, 7, 3)):  # shards of unequal length, as a filtered folder has
+        shards.write_shard(str(tmp_path), k, rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8),
+                           rng.integers(0, 10, n), np.arange(n) + 100 * k, 10)
+    loaded = shards.load_samples(str(tmp_path))
+    reader = ShardImages(str(tmp_path))
+    picks = rng.integers(0, 15, 40)
+    np.testing.assert_array_equal(reader[picks], loaded['images'][picks])
+    np.testing.assert_array_equal(reader.labels, loaded['labels'])
+    assert len(reader) == 15 and reader.shape == (4, 4, 3) and reader[[]].shape == (0, 4, 4, 3)
+    with pytest.raises(IndexError, match='out of range'):
+        reader[[15]]
+    reader.close()
+    compressed = tmp_path / 'compressed'
+    compressed.mkdir()
+    np.savez_compressed(compressed / 'shard-00000.npz', images=np.zeros((2, 4, 4, 3), np.uint8),
+                        labels=np.zeros(2, np.int32), seeds=np.arange(2))
+    with pytest.raises(ValueError, match='compressed; random access needs np.savez'):
+        ShardImages(str(compressed))

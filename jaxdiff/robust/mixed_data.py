@@ -1,6 +1,10 @@
 """Data for adversarial training with generated images: the real training set (minus a held-out slice for
 best-checkpoint selection), a sample.py folder of generated images, and mixed batches drawn from both.
 
+The real set is held in memory (50,000 CIFAR-10 images: 150 MB); the generated images (1M-20M) stay in their
+shards and each batch reads its rows from disk (:class:`jaxdiff.data.sample_shards.ShardImages`), so memory does
+not grow with their number. Each process builds only its own rows of the global batch (``rows``).
+
 Composition (Wang et al. 2023 / DM-Improves-AT's ``SemiSupervisedSampler``): every batch of B examples holds
 ``n_gen = floor(B * generated_fraction)`` generated and ``n_real = B - n_gen`` real ones (512 * 0.7 -> 358 + 154,
 as the reference's ``int(batch_size * unsup_fraction)``). Each stream is an endless sequence of passes over its
@@ -37,14 +41,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff.data.sample_shards import ShardImages
+
 REAL, GENERATED = 0, 1
 
 
 class AdvData(NamedTuple):
-    """Arrays of one run. images uint8 (N, H, W, C), labels int32 (N,)."""
+    """The data of one run. images uint8 (N, H, W, C) (the generated ones indexed like an array, read from disk on
+    demand), labels int32 (N,)."""
     real_images: np.ndarray
     real_labels: np.ndarray
-    gen_images: Optional[np.ndarray]   # None without generated data
+    gen_images: Optional[ShardImages]  # read on demand from sample.py's shards; None without generated data
     gen_labels: Optional[np.ndarray]
     eval_images: np.ndarray            # the held-out slice ((0, H, W, C) when eval.size is 0)
     eval_labels: np.ndarray
@@ -74,18 +81,19 @@ def load_real(real) -> tuple[np.ndarray, np.ndarray, object]:
     return images, labels, info
 
 
-def load_generated(folder: str, image_shape: tuple, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """images uint8 (M, H, W, C), labels int32 (M,) of a sample.py folder, checked against the real data."""
-    from jaxdiff.sampling.shards import load_samples
+def load_generated(folder: str, image_shape: tuple, num_classes: int) -> tuple[ShardImages, np.ndarray]:
+    """(images: a :class:`~jaxdiff.data.sample_shards.ShardImages` reader, uint8 (M, H, W, C) on demand; labels
+    int32 (M,)) of a sample.py folder, checked against the real data. The images stay on disk: memory does not
+    grow with M."""
     try:
-        data = load_samples(folder)
+        images = ShardImages(folder)
     except FileNotFoundError:
         raise FileNotFoundError(f'data.generated={folder!r}: no such folder; write one with python sample.py '
                                 '--out DIR (class-conditional), or set --config.generated_fraction=0 to train on '
                                 'real data only') from None
-    images, labels = data['images'], data['labels'].astype(np.int32)
-    if images.shape[1:] != tuple(image_shape):
-        raise ValueError(f'data.generated={folder!r} holds {images.shape[1:]} images but the real data is '
+    labels = images.labels
+    if images.shape != tuple(image_shape):
+        raise ValueError(f'data.generated={folder!r} holds {images.shape} images but the real data is '
                          f'{tuple(image_shape)}; sample at the real data\'s resolution and channels')
     if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f'data.generated={folder!r} has labels outside 0..{num_classes - 1} (-1 marks '
@@ -175,17 +183,17 @@ class MixedBatches:
         return self.real.indices(step), self.gen.indices(step)
 
     def batch(self, step: int, rows: Optional[slice] = None) -> dict[str, np.ndarray]:
-        """The global batch of ``step`` (or its ``rows``, this process's share)."""
+        """The global batch of ``step`` (or its ``rows``, this process's share: only those images are read)."""
         r, g = self.indices(step)
         d = self.data
-        images = [d.real_images[r]]
-        labels = [d.real_labels[r]]
+        positions = np.arange(self.batch_size)[rows if rows is not None else slice(None)]
+        real, gen = r[positions[positions < self.n_real]], g[positions[positions >= self.n_real] - self.n_real]
+        images, labels = [d.real_images[real]], [d.real_labels[real]]
         if self.n_gen:
-            images.append(d.gen_images[g])
-            labels.append(d.gen_labels[g])
-        out = dict(image=np.concatenate(images), label=np.concatenate(labels).astype(np.int32),
-                   generated=np.arange(self.batch_size) >= self.n_real)
-        return {k: v[rows] for k, v in out.items()} if rows is not None else out
+            images.append(d.gen_images[gen])
+            labels.append(d.gen_labels[gen])
+        return dict(image=np.concatenate(images), label=np.concatenate(labels).astype(np.int32),
+                    generated=positions >= self.n_real)
 
     def state(self, step: int) -> dict:
         """The JSON data-stream state saved with a checkpoint (the batches are a function of these)."""

@@ -22,6 +22,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from jaxdiff import files
+from jaxdiff.data.sample_shards import shard_names
 
 MANIFEST = 'manifest.json'
 FORMAT = 'jaxdiff-samples/1'
@@ -222,12 +223,7 @@ def load_samples(folder: str) -> dict[str, np.ndarray]:
 
     Raises FileNotFoundError for a missing folder and ValueError for a folder without shards.
     """
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f'sample folder not found: {folder!r}; write one with python sample.py --out DIR')
-    names = sorted(n for n in os.listdir(folder) if n.startswith('shard-') and n.endswith('.npz'))
-    if not names:
-        raise ValueError(f'{folder} holds no sample shards (shard-XXXXX.npz); run sample.py with --out {folder}')
-    parts = [read_shard(os.path.join(folder, n)) for n in names]
+    parts = [read_shard(os.path.join(folder, n)) for n in shard_names(folder)]
     shapes = {p['images'].shape[1:] for p in parts}
     if len(shapes) > 1:
         raise ValueError(f'{folder}: shards hold images of different sizes {sorted(shapes)}')
