@@ -10,8 +10,9 @@ import jax
 import numpy as np
 
 from eval import safety
+from jaxdiff.evaluation import safety as common
+from jaxdiff.evaluation import safety_digits, safety_mixture
 from jaxdiff import schedules
-from jaxdiff.sampling import model as sampling_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -24,8 +25,8 @@ def cli(*args, env=None):
 
 def test_mixture_task_end_to_end(tmp_path, capsys):
     # Every method is listed; the ones README says meet the target on the ring are run (one sampler compile each).
-    gm, refs = safety.ring(), np.zeros((4, 2), np.float32)
-    listed = safety.mixture_methods(gm, safety.MIXTURE_UNSAFE, schedules.karras_sigmas(18), refs,
+    gm, refs = safety_mixture.ring(), np.zeros((4, 2), np.float32)
+    listed = safety_mixture.mixture_methods(gm, common.MIXTURE_UNSAFE, schedules.karras_sigmas(18), refs,
                                     schedules.ddpm_sigmas(50), jax.random.key(0))
     assert {m.name for m in listed} == {'none', 'unguidance', 'negative_classifier_guidance',
                                         'safe_classifier_guidance', 'exact_safe_denoiser', 'paper_safe_denoiser',
@@ -63,7 +64,7 @@ def test_other_mixtures_and_the_practical_grid(tmp_path, capsys, monkeypatch):
     assert [r['method'] for r in result['rows']] == ['none', 'exact_safe_denoiser']
     assert result['rows'][1]['unsafe'] <= 0.03 < result['rows'][0]['unsafe']
     # The grid runs the practical safe denoiser (on 50-step DDPM, next to that solver's baseline) and nothing else.
-    monkeypatch.setitem(safety.PRACTICAL_GRID, 'mixture', dict(scale=(1.0,), bandwidth=(1.0,), window=(40,),
+    monkeypatch.setitem(common.PRACTICAL_GRID, 'mixture', dict(scale=(1.0,), bandwidth=(1.0,), window=(40,),
                                                                margin=(0.0, None)))
     assert safety.main(['--practical_grid', '--mixture', 'unequal', '--num_samples', '300', '--out',
                         str(tmp_path)]) == 0
@@ -82,7 +83,7 @@ def test_mixture_methods_filter_keeps_the_baseline(tmp_path, capsys):
 def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv('JAXDIFF_CACHE', str(tmp_path_factory.mktemp('cache')))
     # One strength per method: each strength is one compilation of the sampler, and only the wiring is checked.
-    every = safety.digits_methods
+    every = safety_digits.digits_methods
 
     def first_strengths(*args):
         # The ddpm50 baseline is dropped too (the practical row then falls back to the first row's baseline).
@@ -94,9 +95,9 @@ def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, m
         fn.num_classes = 10
         return fn
 
-    monkeypatch.setattr(safety, 'digits_methods', first_strengths)
-    monkeypatch.setattr(sampling_model, 'noisy_classifier_logits', noisy_logits)
-    result, samples = safety.run_digits(run_dir, 7, num_samples=16, num_steps=18, batch_size=8,
+    monkeypatch.setattr(safety_digits, 'digits_methods', first_strengths)
+    monkeypatch.setattr(safety_digits, 'noisy_classifier_logits', noisy_logits)
+    result, samples = safety_digits.run_digits(run_dir, 7, num_samples=16, num_steps=18, batch_size=8,
                                         noisy_classifier='stand-in', log=lambda m: None)
     names = [r['method'] for r in result['rows']]
     assert names[0] == 'none' and set(names) == {'none', 'unguidance', 'negative_classifier_guidance',
@@ -107,7 +108,7 @@ def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, m
         assert set(row) >= {'fd', 'fd_ratio', 'seconds', 'solver'}
     assert {r['solver'] for r in result['rows'] if r['method'] == 'practical_safe_denoiser'} == {'ddpm50'}
     assert all(x.shape == (16, 8, 8, 1) and x.dtype == np.uint8 for x in samples.values())
-    assert os.path.getsize(safety.digits_plot(samples, str(tmp_path / 'grid.png'))) > 0
+    assert os.path.getsize(safety_digits.digits_plot(samples, str(tmp_path / 'grid.png'))) > 0
 
 
 def test_float_logits_match_the_uint8_classifier(tmp_path):
@@ -116,7 +117,7 @@ def test_float_logits_match_the_uint8_classifier(tmp_path):
     variables = SmallCNN(10).init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32))
     net = make_feature_net('digits_classifier', variables)
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1), dtype=np.uint8)
-    np.testing.assert_allclose(safety.float_logits(net)(images / 127.5 - 1), net.apply(images)['logits'],
+    np.testing.assert_allclose(safety_digits.float_logits(net)(images / 127.5 - 1), net.apply(images)['logits'],
                                rtol=1e-5, atol=1e-5)
 
 

@@ -1,0 +1,6 @@
+"""Evaluators as importable functions: the eval/ CLIs parse flags and call them, and so can training callbacks.
+
+- :mod:`~jaxdiff.evaluation.safety`          what the safety comparison's tasks share (methods, targets, solvers);
+- :mod:`~jaxdiff.evaluation.safety_mixture`  the comparison on labelled 2-D mixtures with exact denoisers;
+- :mod:`~jaxdiff.evaluation.safety_digits`   the comparison on a digits model.
+"""
