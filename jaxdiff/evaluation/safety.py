@@ -70,6 +70,13 @@ def seed_unguidance_methods(harm, eta: float, gammas: Sequence[float], grid) -> 
                                                                     ddim_eta=eta_ddim), 'ddim50') for g in gammas]
 
 
+def discrete_solver_methods(harm, eta: float, refs, grid, practical_settings: Sequence[tuple], key) -> list[Method]:
+    """The rows on the 50-step discrete solvers: unguidance's seed update at gamma 1, 3, 10 on DDIM, then the
+    practical safe denoiser at ``practical_settings`` on DDPM, each after its solver's ``none`` row."""
+    return (seed_unguidance_methods(harm, eta, (1.0, 3.0, 10.0), grid) + [Method('none', '-', lambda d: d, 'ddpm50')]
+            + practical_methods(refs, grid, practical_settings, key))
+
+
 def practical_methods(refs, ddpm_grid, settings: Sequence[tuple], key) -> list[Method]:
     """practical_safe_denoiser rows on the 50-step DDPM grid: settings (scale, bandwidth, window_steps, gate) with
     gate None (no gate) or the margin below the calibrated threshold (quantile 0 at the grid's last level)."""

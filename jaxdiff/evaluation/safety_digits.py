@@ -21,8 +21,8 @@ import numpy as np
 
 from jaxdiff import schedules
 from jaxdiff.evaluation.safety import (DDPM_STEPS, DIGITS_TARGET_DROP, DIGITS_TARGET_FD, DISCRETE, PREVIEW,
-                                       UNGUIDANCE_ETA, Method, baselines, log_density, practical_methods,
-                                       seed_unguidance_methods, select)
+                                       UNGUIDANCE_ETA, Method, baselines, discrete_solver_methods, log_density,
+                                       practical_methods, select)
 from jaxdiff.metrics import frechet
 from jaxdiff.metrics.feature_classifier import dataset_split, load_or_train
 from jaxdiff.sampling import options
@@ -64,7 +64,8 @@ def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
     safety_cond = jax.nn.one_hot(jnp.array([unsafe_digit]), num_classes)
     methods = [Method('none', '-', lambda d: d)]
     methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, eta, 'invlinear')) for g in (3.0, 10.0, 30.0)]
-    methods += [Method('negative_classifier_guidance', f'scale={s:g}', negative_classifier_guidance(log_density(harm), s))
+    methods += [Method('negative_classifier_guidance', f'scale={s:g}',
+                       negative_classifier_guidance(log_density(harm), s))
                 for s in (0.01, 0.03, 0.1)]
     if noisy_logits is not None:
         methods += [Method('safe_classifier_guidance', f'scale={s:g}',
@@ -74,9 +75,7 @@ def digits_methods(logits_fn, unsafe_digit: int, num_classes: int, refs, sigmas,
                 for b in (0.33, 0.6)]
     methods += [Method('sld', preset, sld(safety_cond, preset, 1.0, sigmas=sigmas)) for preset in PRESETS]
     if ddpm_grid is not None:
-        methods += seed_unguidance_methods(harm, eta, (1.0, 3.0, 10.0), ddpm_grid)
-        methods.append(Method('none', '-', lambda d: d, 'ddpm50'))
-        methods += practical_methods(refs, ddpm_grid, DIGITS_PRACTICAL, key)
+        methods += discrete_solver_methods(harm, eta, refs, ddpm_grid, DIGITS_PRACTICAL, key)
     return methods
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from jaxdiff import schedules, toy
 from jaxdiff.evaluation.safety import (DDPM_STEPS, DISCRETE, MIXTURE_TARGET, MIXTURE_UNSAFE, OFF_MODE, UNGUIDANCE_ETA,
-                                       Method, log_density, practical_methods, seed_unguidance_methods, select)
+                                       Method, discrete_solver_methods, log_density, practical_methods, select)
 from jaxdiff.sampling.options import SOLVERS
 from jaxdiff.transforms import (PRESETS, exact_safe_denoiser, mixture_density, negative_classifier_guidance,
                                 paper_safe_denoiser, safe_classifier_guidance, sld, sub_mixture, unguidance)
@@ -79,7 +79,8 @@ def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs, ddpm_grid=None, key
     safety_cond = jax.nn.one_hot(jnp.array([1]), gm.num_classes)
     methods = [Method('none', '-', lambda d: d)]
     methods += [Method('unguidance', f'gamma={g:g}', unguidance(harm, g, eta, 'invlinear')) for g in (10, 30, 100)]
-    methods += [Method('negative_classifier_guidance', f'scale={s:g}', negative_classifier_guidance(log_density(harm), s))
+    methods += [Method('negative_classifier_guidance', f'scale={s:g}',
+                       negative_classifier_guidance(log_density(harm), s))
                 for s in (0.1, 0.3, 1.0)]
     # The exact noisy posterior over components is the ideal noise-conditional classifier.
     logits = lambda x, sigma: toy.posterior_logits(gm, x, sigma)
@@ -91,9 +92,7 @@ def mixture_methods(gm, unsafe: Sequence[int], sigmas, refs, ddpm_grid=None, key
                 for b in (1.0, 3.0)]
     methods += [Method('sld', preset, sld(safety_cond, preset, 1.0, sigmas=sigmas)) for preset in PRESETS]
     if ddpm_grid is not None:
-        methods += seed_unguidance_methods(harm, eta, (1.0, 3.0, 10.0), ddpm_grid)
-        methods.append(Method('none', '-', lambda d: d, 'ddpm50'))
-        methods += practical_methods(refs, ddpm_grid, MIXTURE_PRACTICAL, key)
+        methods += discrete_solver_methods(harm, eta, refs, ddpm_grid, MIXTURE_PRACTICAL, key)
     return methods
 
 
