@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import fairness as E
+from eval import fairness as fairness_cli
+from jaxdiff.evaluation import fairness as E
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_KEYS = {'rate', 'ber', 'valid', 'tau_index', 'tau_sigma'}
@@ -84,7 +85,7 @@ def test_every_mixture_task_is_selectable_and_shows_its_regions():
     from jaxdiff.transforms import attribute_switching as F
     assert {'mixture', 'mixture_spread', 'mixture_weak', 'mixture_ring', 'mixture_close'} <= set(E.MIXTURES)
     for name, (_, build) in E.MIXTURES.items():
-        args = E.parse_args(['--task', name])
+        args = fairness_cli.parse_args(['--task', name])
         assert (args.num_samples, args.steps, args.scan_samples) == (4000, 128, 2000)
         task = E.mixture_task(args.steps, 0.75, name)
         assert task.description['kind'] == name and task.sample_shape == (2,)
