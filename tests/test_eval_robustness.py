@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from eval import robustness as R
+from jaxdiff.evaluation import robustness, robustness_data
 from jaxdiff import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,10 +121,10 @@ def test_eps_zero_robust_equals_clean(run_dir):
 
 
 def test_certification_rows_monotone(run_dir):
-    clf = R.Classifier(run_dir)
-    images, labels = R.load_data('digits:heldout')
+    clf = robustness_data.Classifier(run_dir)
+    images, labels = robustness_data.load_data('digits:heldout')
     identity = lambda variables: (lambda x, sigma, cond: x)  # noqa: E731  (a stand-in "denoiser")
-    sm = R.evaluate_smoothing(clf.apply, clf.variables, identity, {}, images[:6], labels[:6], sigma=0.25, n0=10,
+    sm = robustness.evaluate_smoothing(clf.apply, clf.variables, identity, {}, images[:6], labels[:6], sigma=0.25, n0=10,
                               n=60, alpha=0.001, radii=[0.0, 0.25, 0.5, 0.75, 1.0], batch=70,
                               key=jax.random.key(0), log=lambda m: None)
     accs = [r['certified_acc'] for r in sm['rows']]

@@ -3,5 +3,7 @@
 - :mod:`~jaxdiff.evaluation.safety`          what the safety comparison's tasks share (methods, targets, solvers);
 - :mod:`~jaxdiff.evaluation.safety_mixture`  the comparison on labelled 2-D mixtures with exact denoisers;
 - :mod:`~jaxdiff.evaluation.safety_digits`   the comparison on a digits model;
-- :mod:`~jaxdiff.evaluation.fairness`        attribute switching's rate and BER on mixtures and digits.
+- :mod:`~jaxdiff.evaluation.fairness`        attribute switching's rate and BER on mixtures and digits;
+- :mod:`~jaxdiff.evaluation.robustness`      clean / PGD / AutoAttack accuracy (optionally behind DiffPure) and
+  certified accuracy of denoised smoothing; :mod:`~jaxdiff.evaluation.robustness_data` loads what they evaluate.
 """

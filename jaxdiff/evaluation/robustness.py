@@ -1,0 +1,261 @@
+"""Robustness evaluation as functions: clean, PGD and AutoAttack accuracy of a classifier (optionally behind
+DiffPure) and certified accuracy of denoised smoothing, in fixed batches with progress lines
+(``python -m eval.robustness`` parses the flags, loads with :mod:`jaxdiff.evaluation.robustness_data` and prints).
+"""
+from __future__ import annotations
+
+import functools
+import re
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+AA_STANDARD = dict(n_iter=100, n_queries=5000)
+
+
+class Progress:
+    """'<phase>: done/total (..%) | elapsed | ETA' lines on stderr, at most every ``every`` seconds and at the end."""
+
+    def __init__(self, phase: str, total: int, log: Callable[[str], None], every: float = 10.0):
+        self.phase, self.total, self.log, self.every = phase, total, log, every
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float('nan')
+        self.log(f'{self.phase}: {done}/{self.total} ({100 * done / self.total:.0f}%) | {now - self.t0:.0f}s | '
+                 f'ETA {eta:.0f}s')
+
+
+def batch_ranges(n: int, batch: int):
+    """(start, stop) of the batches covering n examples."""
+    return [(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+    """a padded to ``size`` rows by repeating its first row (the padding is masked out of every count)."""
+    return a if len(a) == size else np.concatenate([a, np.repeat(a[:1], size - len(a), 0)])
+
+
+def parse_attacks(text: str) -> list[tuple[str, int]]:
+    """'pgd40,autoattack' -> [('pgd', 40), ('autoattack', 0)]; 'none' or '' -> []."""
+    out = []
+    for part in [p.strip().lower() for p in text.split(',') if p.strip()]:
+        if part == 'none':
+            continue
+        match = re.fullmatch(r'pgd(\d*)', part)
+        if match:
+            steps = int(match.group(1) or 40)
+            if steps < 1:
+                raise ValueError(f'--attacks {part}: PGD needs at least one step')
+            out.append(('pgd', steps))
+        elif part in ('autoattack', 'aa'):
+            out.append(('autoattack', 0))
+        else:
+            raise ValueError(f'--attacks: unknown attack {part!r}; use pgdN (e.g. pgd40), autoattack or none')
+    return out
+
+
+def _safe(attack):
+    """An AutoAttack stage whose non-finite outputs fall back to the clean input (never counted as fooled)."""
+    def run(logits_fn, x, y, key, active):
+        out = attack(logits_fn, x, y, key, active)
+        return jnp.where(jnp.isfinite(out), out, x)
+    return run
+
+
+_PROGRAMS: dict = {}   # evaluate_attacks' jitted programs by (cache_key, settings)
+
+
+def _programs(apply, *, norm: str, num_classes: int, aa_iters: int, square_queries: int,
+              pgd_step: Optional[float], purifier):
+    """(clean_fn, pgd_fn_of(steps), aa_fn, stage names): the jitted batch programs of :func:`evaluate_attacks`.
+    eps is an argument of every program, so one compilation serves every eps."""
+    from jaxdiff.robust.autoattack import run_stage, standard_attacks
+    from jaxdiff.robust.pgd import pgd
+
+    stage_names = [name for name, _ in standard_attacks(1.0, norm, num_classes, n_iter=1, n_queries=1)]
+
+    def stages_of(eps):
+        return [(name, _safe(fn)) for name, fn in standard_attacks(eps, norm, num_classes, n_iter=aa_iters,
+                                                                   n_queries=square_queries)]
+
+    def logits_of(variables, key):
+        if purifier is None:
+            return lambda x: apply(variables, x)
+        return purifier[0](variables, key)
+
+    def fresh(variables, key, x, y):  # DiffPure: re-classified with independent purifier noise
+        return jnp.argmax(purifier[1](variables, key)(x), -1) == y
+
+    @jax.jit
+    def clean_fn(variables, x, y, key, eps):
+        ok = jnp.argmax(logits_of(variables, key)(x), -1) == y
+        return (ok,) if purifier is None else (ok, fresh(variables, key, x, y))
+
+    @functools.lru_cache(maxsize=None)
+    def pgd_fn_of(steps: int):
+        @jax.jit
+        def pgd_fn(variables, x, y, key, eps):
+            logits_fn = logits_of(variables, key)
+            x_adv = pgd(logits_fn, x, y, eps, key=jax.random.fold_in(key, 11), norm=norm, n_steps=steps,
+                        step_size=eps / 4 if pgd_step is None else pgd_step, loss='ce', random_start=True)
+            robust = jnp.argmax(logits_fn(x_adv), -1) == y
+            return (robust,) if purifier is None else (robust, fresh(variables, key, x_adv, y))
+        return pgd_fn
+
+    @jax.jit
+    def aa_start(variables, x, y, valid, key, eps):
+        return (jnp.argmax(logits_of(variables, key)(x), -1) == y) & valid  # padding rows start non-robust
+
+    @functools.lru_cache(maxsize=None)
+    def aa_stage(i: int):
+        @jax.jit
+        def stage_fn(variables, x, y, key, eps, x_adv, robust):
+            stage = stages_of(eps)[i][1]
+            return run_stage(stage, logits_of(variables, key), x, y, eps, norm, jax.random.fold_in(key, 100 + i),
+                             x_adv, robust)
+        return stage_fn
+
+    fresh_fn = jax.jit(fresh) if purifier is not None else None
+
+    def aa_fn(variables, x, y, valid, key, eps, report=None):
+        """autoattack.autoattack's loop, one jitted program per stage, keeping every stage's per-point mask."""
+        robust = aa_start(variables, x, y, valid, key, eps)
+        x_adv, masks = x, [robust]
+        for i, name in enumerate(stage_names):
+            t = time.perf_counter()
+            x_adv, robust = aa_stage(i)(variables, x, y, key, eps, x_adv, robust)
+            masks.append(robust)
+            if report is not None:
+                report(f'{name} {int(jnp.sum(robust))}/{int(jnp.sum(valid))} robust ({time.perf_counter() - t:.0f}s)')
+        masks = jnp.stack(masks)
+        return (masks,) if purifier is None else (masks, fresh_fn(variables, key, x_adv, y))
+
+    return clean_fn, pgd_fn_of, aa_fn, stage_names
+
+
+def evaluate_attacks(apply, variables, images: np.ndarray, labels: np.ndarray, *, eps: float, norm: str,
+                     attacks: list, batch_size: int, key, aa_iters: int, square_queries: int,
+                     pgd_step: Optional[float], num_classes: int, purifier=None, cache_key=None,
+                     log: Callable[[str], None] = print) -> dict:
+    """Clean accuracy and every attack of ``attacks`` ([('pgd', steps) | ('autoattack', 0)]) on (images uint8,
+    labels int32), in batches of ``batch_size`` (the last one padded and masked).
+
+    apply(variables, x in [0, 1]) -> logits. purifier: None or (make(variables, key) -> logits_fn the attacks
+    see, fresh(variables, key) -> logits_fn with independent randomness), for DiffPure. cache_key: a hashable that
+    determines ``apply`` and ``purifier`` (e.g. the flax module): the jitted programs are then kept for later
+    calls with that key and the same settings (eps and the weights are arguments and may differ).
+    Returns {n, clean_acc, pgd<N>: {...}, autoattack: {...}, worst_case_acc, ...} (main's JSON).
+    """
+    settings = (cache_key, norm, num_classes, aa_iters, square_queries, pgd_step)
+    if cache_key is not None and settings in _PROGRAMS:
+        clean_fn, pgd_fn_of, aa_fn, stage_names = _PROGRAMS[settings]
+    else:
+        clean_fn, pgd_fn_of, aa_fn, stage_names = _programs(apply, norm=norm, num_classes=num_classes,
+                                                            aa_iters=aa_iters, square_queries=square_queries,
+                                                            pgd_step=pgd_step, purifier=purifier)
+        if cache_key is not None:
+            _PROGRAMS[settings] = clean_fn, pgd_fn_of, aa_fn, stage_names
+    n = len(images)
+    step_size = float(pgd_step) if pgd_step is not None else eps / 4
+    batches = batch_ranges(n, batch_size)
+    size = min(batch_size, n)
+    keys = [jax.random.fold_in(key, b) for b in range(len(batches))]
+    eps_arg = jnp.float32(eps)
+    result = dict(n=n)
+
+    def run_phase(phase: str, fn, with_valid: bool = False, done: Optional[list] = None) -> list:
+        progress = Progress(phase, n, log)
+        outs = [] if done is None else done
+        for (lo, hi), k in zip(batches, keys):
+            x = jnp.asarray(_pad(images[lo:hi], size), jnp.float32) / 255.0
+            y = jnp.asarray(_pad(labels[lo:hi], size))
+            args = (variables, x, y) + ((jnp.arange(size) < hi - lo,) if with_valid else ()) + (k, eps_arg)
+            out = jax.device_get(fn(*args))
+            outs.append(jax.tree.map(lambda a, m=hi - lo: np.asarray(a)[..., :m] if np.ndim(a) else a, out))
+            progress.update(hi)
+        return outs
+
+    t = time.perf_counter()
+    clean = run_phase('clean', clean_fn)
+    clean_ok = np.concatenate([c[0] for c in clean])
+    if purifier is not None:
+        result['clean_acc_fresh'] = float(np.concatenate([c[1] for c in clean]).mean())
+    result['clean_acc'] = float(clean_ok.mean())
+    result['clean_seconds'] = round(time.perf_counter() - t, 1)
+    robust_all = clean_ok.copy()
+    for name, steps in attacks:
+        t = time.perf_counter()
+        outs_done: list = []
+        if name == 'pgd':
+            outs = run_phase(f'PGD-{steps}', pgd_fn_of(steps))
+            robust = np.concatenate([o[0] for o in outs])
+            entry = dict(acc=float(robust.mean()), steps=steps, step_size=step_size, loss='ce',
+                         random_start=True, restarts=1)
+            if purifier is not None:
+                entry['acc_fresh'] = float(np.concatenate([o[1] for o in outs]).mean())
+            result[f'pgd{steps}'] = entry
+        else:
+            outs = run_phase('AutoAttack', functools.partial(
+                aa_fn, report=lambda m: log(f'AutoAttack batch {len(outs_done) + 1}/{len(batches)}: {m}')),
+                with_valid=True, done=outs_done)
+            masks = np.concatenate([o[0] for o in outs], axis=1)    # (1 + stages, n)
+            robust = masks[-1]
+            per_stage = {'clean': float(masks[0].mean())}
+            per_stage.update({stage_name: float(m.mean()) for stage_name, m in zip(stage_names, masks[1:])})
+            n_targets = min(9, num_classes - 1)
+            entry = dict(acc=float(robust.mean()), stages=per_stage, order=stage_names,
+                         budget=dict(apgd_ce=f'{aa_iters} iterations, 1 restart',
+                                     apgd_t=f'{n_targets} targets x {aa_iters} iterations',
+                                     fab_t=f'{n_targets} targets x {aa_iters} iterations',
+                                     square=f'{square_queries} queries, p_init 0.8',
+                                     n_iter=aa_iters, square_queries=square_queries,
+                                     standard=aa_iters >= AA_STANDARD['n_iter']
+                                     and square_queries >= AA_STANDARD['n_queries']))
+            if purifier is not None:
+                entry['acc_fresh'] = float(np.concatenate([o[1] for o in outs]).mean())
+            result['autoattack'] = entry
+        key_name = f'pgd{steps}' if name == 'pgd' else 'autoattack'
+        result[key_name]['seconds'] = round(time.perf_counter() - t, 1)
+        robust_all &= robust
+    if attacks:
+        result['worst_case_acc'] = float(robust_all.mean())
+    return result
+
+
+def evaluate_smoothing(apply, variables, denoiser_of, dvars, images: np.ndarray, labels: np.ndarray, *,
+                       sigma: float, n0: int, n: int, alpha: float, radii: Sequence[float], batch: int, key,
+                       log: Callable[[str], None] = print) -> dict:
+    """Denoised smoothing (Carlini et al. 2023) certified accuracy by L2 radius; CERTIFY per image."""
+    from jaxdiff.robust import smoothing
+    denoiser = denoiser_of(dvars)
+    base = smoothing.denoised_classifier(denoiser, lambda x: apply(variables, x), sigma)
+    progress = Progress('certify', len(images), log)
+    classes, rads = [], []
+    t = time.perf_counter()
+    for i in range(len(images)):
+        x = jnp.asarray(images[i], jnp.float32) / 255.0
+        c, r = smoothing.certify(base, x, jax.random.fold_in(key, i), sigma=sigma, n0=n0, n=n, alpha=alpha,
+                                 batch=batch)
+        classes.append(c)
+        rads.append(r)
+        progress.update(i + 1)
+    classes, rads = np.asarray(classes), np.asarray(rads, np.float64)
+    correct = classes == labels
+    acc = smoothing.certified_accuracy(rads, correct, radii)
+    rows = [dict(radius=float(r), radius_sigma=float(r / sigma), certified_acc=float(a)) for r, a in zip(radii, acc)]
+    from scipy import stats
+    max_radius = sigma * float(stats.norm.ppf(alpha ** (1.0 / n)))
+    return dict(sigma=sigma, n0=n0, n=n, alpha=alpha, num=int(len(images)), rows=rows,
+                abstain_rate=float(np.mean(classes == smoothing.ABSTAIN)),
+                mean_radius_correct=float(np.mean(np.where(correct, rads, 0.0))),
+                max_certifiable_radius=max_radius, seconds=round(time.perf_counter() - t, 1))
