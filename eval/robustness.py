@@ -33,6 +33,10 @@ of --eot purified logits; attacks differentiate through the whole purifier (full
 the randomness fixed per batch. The accuracies the attacks report are judged by that same fixed-randomness
 classifier; ``*_acc_fresh`` re-classify the final adversarial examples with independent randomness.
 
+--selection recomputes the run's own keep-best numbers (:func:`jaxdiff.robust.trainer.selection_accuracy`: its
+selection attack, e.g. CW PGD-40, on its held-out slice with its eval key) for the evaluated checkpoint; for
+``best`` they equal what training recorded in ``RUN/best/best.json`` (both are in the JSON's ``selection``).
+
 Denoised smoothing (--smoothing DIFFUSION_RUN, :mod:`jaxdiff.robust.smoothing`): base classifier = the classifier
 on the one-shot denoised x + N(0, sigma^2) (Carlini et al. 2023); Cohen et al.'s CERTIFY with --n0 selection and
 --n estimation draws at level --alpha; certified accuracy (correct and certified radius >= r, abstentions wrong)
@@ -58,7 +62,7 @@ import numpy as np
 
 from jaxdiff.cli import argument_parser, fail, json_line, text_table
 from jaxdiff.evaluation.robustness import (AA_STANDARD, DEFAULT_RADII, batch_ranges, evaluate_attacks,
-                                           evaluate_smoothing, parse_attacks)
+                                           evaluate_smoothing, parse_attacks, selection)
 from jaxdiff.evaluation.robustness_data import Classifier, fit_data, load_data, load_denoiser
 
 PROG = 'eval.robustness'
@@ -66,7 +70,15 @@ PROG = 'eval.robustness'
 
 def table_rows(result: dict) -> list[dict]:
     """Rows (metric, accuracy, settings) for the stderr table."""
-    rows = [dict(metric='clean', accuracy=result['clean_acc'], settings=result['defense'])]
+    rows = [dict(metric='clean', accuracy=result['clean_acc'], settings=result['defense'])] if 'clean_acc' in result \
+        else []
+    sel = result.get('selection')
+    if sel:
+        recorded = sel['recorded'] or {}
+        for metric, name in (('clean', 'clean_acc'), ('PGD', 'pgd_acc')):
+            rows.append(dict(metric=f'selection {metric}', accuracy=sel[name],
+                             settings=f'{sel["attack"]}, held-out slice of {sel["eval_size"]}; training recorded '
+                                      f'{recorded.get(name)}'))
     for name, entry in result.items():
         if name.startswith('pgd') and isinstance(entry, dict):
             rows.append(dict(metric=f'PGD-{entry["steps"]}', accuracy=entry['acc'],
@@ -128,6 +140,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--radii', default=','.join(map(str, DEFAULT_RADII)), help='L2 radii for certified accuracy')
     p.add_argument('--smoothing_batch', type=int, default=500, help='noise draws per smoothing batch')
     p.add_argument('--seed', type=int, default=0, help='attack / purifier / smoothing randomness')
+    p.add_argument('--selection', action='store_true',
+                   help="also recompute the run's keep-best numbers: its selection attack on its held-out slice")
     p.add_argument('--json', help='also write the JSON here')
     args = p.parse_args(argv)
     if not args.workdir:
@@ -136,8 +150,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         args.attack_list = parse_attacks(args.attacks)
     except ValueError as e:
         p.error(str(e))
-    if not args.attack_list and not args.smoothing:
-        p.error('nothing to evaluate: --attacks none needs --smoothing')
+    if not args.attack_list and not args.smoothing and not args.selection:
+        p.error('nothing to evaluate: --attacks none needs --smoothing or --selection')
     if args.eps is not None and args.eps < 0:
         p.error(f'--eps must be >= 0, got {args.eps}')
     if args.num < 0 or args.batch_size < 1 or args.aa_iters < 1 or args.square_queries < 1:
@@ -170,6 +184,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
         f'of {args.data}; eps {eps:.4g} {norm}; attacks {args.attacks}')
     result = dict(workdir=os.path.abspath(args.workdir), model=clf.describe(), data=args.data, n=int(len(images)),
                   eps=eps, norm=norm, seed=args.seed, defense='none')
+    if args.selection:
+        result['selection'] = selection(clf)
     smoothing_model = load_denoiser(args.smoothing, clf.shape, '--smoothing') if args.smoothing else None
     purifier = None
     variables = clf.variables

@@ -258,6 +258,12 @@ def test_run_checkpoints_resumes_and_logs(tmp_path):
     best = trainer.read_best(str(tmp_path / 'a'))
     assert best['step'] in (2, 4) and best['pgd_acc'] == max(rows[1]['eval_pgd_acc'], rows[3]['eval_pgd_acc'])
     assert ckpt.load_arrays(str(tmp_path / 'a' / 'best'))['step'] == best['step']
+    # eval.robustness --selection recomputes the keep-best numbers from best/ (same evaluator, key and slice).
+    from eval import robustness as cli
+    sel = cli.run(cli.parse_args(['--workdir', str(tmp_path / 'a'), '--attacks', 'none', '--selection']),
+                  log=lambda _: None)['selection']
+    assert (sel['clean_acc'], sel['pgd_acc'], sel['eval_size']) == (best['clean_acc'], best['pgd_acc'], 32)
+    assert sel['recorded'] == best
     # resume = uninterrupted: drop the last checkpoint (as if killed after step 2), rerun, compare
     shutil.copytree(tmp_path / 'a', tmp_path / 'b')
     shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '4')

@@ -259,3 +259,18 @@ def evaluate_smoothing(apply, variables, denoiser_of, dvars, images: np.ndarray,
                 abstain_rate=float(np.mean(classes == smoothing.ABSTAIN)),
                 mean_radius_correct=float(np.mean(np.where(correct, rads, 0.0))),
                 max_certifiable_radius=max_radius, seconds=round(time.perf_counter() - t, 1))
+
+
+def selection(clf) -> dict:
+    """The run's keep-best numbers recomputed for ``clf`` (a :class:`~jaxdiff.evaluation.robustness_data.Classifier`):
+    {'clean_acc', 'pgd_acc', 'eval_size', 'attack', 'recorded' (best.json of the run's best/, or None)}."""
+    from jaxdiff.robust import mixed_data, trainer
+    config = clf.config
+    data = mixed_data.load(config)
+    if not len(data.eval_labels):
+        raise ValueError(f'{clf.workdir} holds out no examples (eval.size=0): there is no keep-best number to '
+                         'recompute; drop --selection')
+    clean, robust = trainer.selection_accuracy(config, clf.net, clf.variables, data)
+    return dict(clean_acc=clean, pgd_acc=robust, eval_size=int(len(data.eval_labels)),
+                attack=f'PGD-{config.eval.attack_steps} ({config.eval.attack_loss}) eps {config.eps:.6g} '
+                       f'{config.norm}', recorded=clf.best)

@@ -178,6 +178,25 @@ def ema_warmup_steps(config, n_real_total: int) -> float:
     return config.optim.pct_start * config.epochs * (math.floor(n_real_total / config.batch_size) + 1)
 
 
+def run_keys(config, mesh) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init, train, eval) keys of a run, split from ``config.seed`` under jit into the replicated sharding; the
+    eval key drives every keep-best evaluation (:func:`selection_accuracy` recomputes one with it)."""
+    return jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed), 3)),
+                   out_shardings=(parallel.replicated(mesh),) * 3)()
+
+
+def selection_accuracy(config, net, variables: dict, data) -> tuple[float, float]:
+    """(clean, PGD) accuracy of ``variables`` ({'params', 'batch_stats'}) on the run's held-out slice
+    ``data.eval_images`` / ``eval_labels`` (:func:`jaxdiff.robust.mixed_data.load`) with the run's selection attack
+    and eval key, in ``eval.batch_size`` batches on one device: the numbers training's keep-best records
+    (``best/best.json``) for the checkpoint it saved."""
+    from jaxdiff.robust import adv_step
+    mesh = parallel.make_mesh(1)
+    _, _, k_eval = run_keys(config, mesh)
+    return adv_step.evaluate(adv_step.jit_eval(config, net, mesh), variables['params'], variables['batch_stats'],
+                             data.eval_images, data.eval_labels, config.eval.batch_size, mesh, k_eval)
+
+
 def run_lengths(config, n_real_train: int) -> dict:
     """The step counts of a run on a real training set of ``n_real_train`` examples (the whole set, held-out slice
     included; generated data never count): {'steps_per_epoch': ceil(n_real_train / B), 'total_steps':
@@ -305,8 +324,7 @@ def _run(config, workdir: str, allow_config_change: bool, stop) -> dict:
 
     mesh = parallel.make_mesh(1)
     rep = parallel.replicated(mesh)
-    k_init, k_train, k_eval = jax.jit(lambda: tuple(jax.random.split(jax.random.key(config.seed), 3)),
-                                      out_shardings=(rep,) * 3)()
+    k_init, k_train, k_eval = run_keys(config, mesh)
     init = adv_step.jit_init(net, image_shape, mesh)
     abstract = jax.eval_shape(init, k_init)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abstract)
