@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from eval import fid
+from eval import fid as fid_cli
 from jaxdiff import cli as cli_module
+from jaxdiff.evaluation import fid
 from jaxdiff.metrics import frechet
 from jaxdiff.sampling import shards
 
@@ -106,15 +107,15 @@ def test_one_line_errors(cache, tmp_path, monkeypatch):
     def fail(prog, message, code):
         raise SystemExit((code, f'{prog}: error: {message}'))
 
-    monkeypatch.setattr(fid, 'fail', fail)
+    monkeypatch.setattr(fid_cli, 'fail', fail)
     monkeypatch.setattr(cli_module, 'fail', fail)  # argument errors
     for args, match in cases[1:]:
         with pytest.raises(SystemExit) as exit:
-            fid.main([str(a) for a in args])
+            fid_cli.main([str(a) for a in args])
         code, line = exit.value.code
         assert code == 1 and line.startswith('eval.fid: error:') and match in line, (args, line)
     with pytest.raises(SystemExit) as exit:
-        fid.main(['--samples', 'digits'])
+        fid_cli.main(['--samples', 'digits'])
     assert exit.value.code == (2, 'eval.fid: error: the following arguments are required: --ref')
 
 

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eval import watermark as W
+from eval import watermark as W_cli
+from jaxdiff.evaluation import watermark as W
 from jaxdiff.watermark import codec_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +74,7 @@ def test_decode_mode_reads_the_decoders_bits(codec_run, tmp_path, capsys):
     logits = W.decode(codec_run)(images)
     bits = (logits[0] > 0).astype(int)
     np.savez(tmp_path / 'set.npz', images=images)
-    result = W.main(['--decoder', codec_run, '--samples', str(tmp_path / 'set.npz'), '--perturb',
+    result = W_cli.main(['--decoder', codec_run, '--samples', str(tmp_path / 'set.npz'), '--perturb',
                      '--bits', ''.join(map(str, bits)), '--json', str(tmp_path / 'out.json')])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result == json.load(open(tmp_path / 'out.json'))

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eval import html, report
+from eval import report as report_cli
+from jaxdiff.evaluation import html, report
 from jaxdiff.train import metrics_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -78,7 +79,7 @@ def run(tmp_path):
 def make_report(run, capsys, *extra_args):
     args = ['--workdir', str(run['workdir']), '--samples', str(run['samples']), '--samples', str(run['gridded']),
             '--metrics', str(run['extra']), *extra_args]
-    assert report.main(args) == 0
+    assert report_cli.main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     with open(out[-1], encoding='utf-8') as f:
         return out[-1], f.read()
@@ -221,19 +222,19 @@ def test_corrupt_inputs_are_reported_and_the_rest_renders(run, capsys, tmp_path)
 def test_empty_run_dir_reports_each_section_unavailable(tmp_path, capsys):
     workdir = tmp_path / 'empty'
     workdir.mkdir()
-    assert report.main(['--workdir', str(workdir)]) == 0
+    assert report_cli.main(['--workdir', str(workdir)]) == 0
     page = (workdir / 'report.html').read_text()
     assert page.count('not available: ') == 5  # config, loss, grids, sample folders, metrics
     assert '<img' not in page
 
 
 def test_missing_workdir_is_one_error_line(tmp_path, capsys):
-    assert report.main(['--workdir', str(tmp_path / 'nope')]) == 2
+    assert report_cli.main(['--workdir', str(tmp_path / 'nope')]) == 2
     captured = capsys.readouterr()
     assert captured.out == ''
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and 'nope' in lines[0]
-    assert report.main(['--samples', 'x']) == 2  # --workdir missing: also one line
+    assert report_cli.main(['--samples', 'x']) == 2  # --workdir missing: also one line
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
