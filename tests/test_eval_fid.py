@@ -67,18 +67,21 @@ def test_distances_have_a_scale_and_seed_ranges(cache, tmp_path):
         fid.evaluate(str(tmp_path / 's'), 'digits', 'digits_classifier', seed_ranges=[(0, 1999)], **quiet)
 
 
-def test_cli_json_line_and_stats_file(cache, tmp_path):
+def test_cli_json_line_and_stats_file(cache, tmp_path, capsys):
     stats = tmp_path / 'ref_stats.npz'
     made = cli('--samples', 'digits', '--ref', 'digits', '--features', 'digits_classifier',
                '--save_stats', stats)
     assert made.returncode == 0, made.stderr[-2000:]
     mu, sigma = frechet.load_stats(str(stats))
     assert mu.shape == (sigma.shape[0],) and sigma.shape[0] == sigma.shape[1]
-    with_images = cli('--samples', 'digits:heldout', '--ref', 'digits', '--features', 'digits_classifier',
-                      '--json', tmp_path / 'r.json', '--label', 'real')
-    with_stats = cli('--samples', 'digits:heldout', '--ref', stats, '--features', 'digits_classifier')
-    a = json.loads(with_images.stdout.strip().splitlines()[-1])
-    b = json.loads(with_stats.stdout.strip().splitlines()[-1])
+
+    def last_line(*args):  # the CLI in this process (a subprocess each costs ~6 s of imports)
+        assert fid_cli.main([str(a) for a in args]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    a = last_line('--samples', 'digits:heldout', '--ref', 'digits', '--features', 'digits_classifier', '--json',
+                  tmp_path / 'r.json', '--label', 'real')
+    b = last_line('--samples', 'digits:heldout', '--ref', stats, '--features', 'digits_classifier')
     assert a['fd'] == pytest.approx(b['fd'], rel=1e-9) and a['label'] == 'real'
     assert 'precision' in a and 'precision' not in b  # statistics carry no points for precision/recall
     assert json.load(open(tmp_path / 'r.json')) == a

@@ -90,6 +90,8 @@ def test_bad_specs_name_the_problem(tmp_path):
     ctx = context(schedules.ddpm_sigmas(8))
     with pytest.raises(ValueError, match="unknown transform 'cgf'.*cfg"):
         registry.build('cgf', {}, ctx)
+    with pytest.raises(ValueError, match="'wieght' is not a key of cfg"):
+        registry.build('cfg', {'wieght': 2}, ctx)
     with pytest.raises(ValueError, match='usage: sld:concept=CLASS'):
         registry.build('sld', {'concept': 3, 'strength': 2}, ctx)
     with pytest.raises(ValueError, match=r'unsafe=11 must be a class index'):

@@ -11,6 +11,7 @@ at its lowest noise level, the solver's sigma_min, as a clean-image classifier o
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
@@ -78,7 +79,9 @@ def _cfg(kw: dict, ctx: Context) -> Transform:
     if not ctx.label_dim:
         raise ValueError('cfg needs a class-conditional model; this one is unconditional')
     if 'weight' not in kw:
-        raise ValueError('cfg needs weight=W (1 = the conditional model)')
+        near = difflib.get_close_matches('weight', list(kw), n=1)
+        raise ValueError('cfg needs weight=W (1 = the conditional model)'
+                         + (f'; {near[0]!r} is not a key of cfg' if near else ''))
     kw = dict(kw)
     negative = kw.pop('negative', None)
     negative = None if negative is None else _one_hot(negative, 'cfg negative', ctx)
