@@ -157,6 +157,14 @@ def test_one_line_errors(run_dir, tmp_path, monkeypatch):
             _main(argv + ['--num', '4'], monkeypatch)
         message, got = info.value.args
         assert got == code and text in message and '\n' not in message, (argv, message)
+    # sample.py's loader says what the run is (jaxdiff.runs reads every task's run)
+    from jaxdiff.runs import load_run
+    from jaxdiff.sampling.model import load_model
+    with pytest.raises(ValueError, match=r'adversarial-training run \(a robust classifier\), not a diffusion model'):
+        load_model(run_dir)
+    best = load_run(run_dir, checkpoint='best')
+    assert (best.task, best.step, best.checkpoint, sorted(best.variables)) == ('adversarial', 20, 'best',
+                                                                              ['batch_stats', 'params'])
     # the real CLI: one stderr line, exit code 1, nothing on stdout
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     proc = subprocess.run([sys.executable, '-m', 'eval.robustness', '--workdir', str(tmp_path / 'missing')],

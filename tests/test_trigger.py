@@ -16,7 +16,7 @@ from jaxdiff.watermark import trigger as T
 
 
 def test_trigger_label_leaves_every_old_class_unchanged(run_dir):
-    from jaxdiff.sampling.model import load_run
+    from jaxdiff.runs import load_run
     from jaxdiff.train.model import denoiser_fn
     run = load_run(run_dir)
     net, params = T.add_trigger_label(run.net, run.variables['params'])
@@ -103,7 +103,7 @@ def test_trigger_mse_by_hand():
 def test_prior_preservation_term(run_dir):
     """The prior term is the denoising loss on the prior batch; weight 0 leaves the trigger loss alone."""
     import optax
-    from jaxdiff.sampling.model import load_run
+    from jaxdiff.runs import load_run
     run = load_run(run_dir)
     net, params = T.add_trigger_label(run.net, run.variables['params'])
     image = jnp.asarray(T.default_watermark_image(8, 1), jnp.float32) / 127.5 - 1
@@ -123,7 +123,7 @@ def test_prior_preservation_term(run_dir):
 def test_finetune_ema_is_the_moving_average_of_the_iterates(run_dir):
     """Half-life 1 step: beta = 1/2, so after one SGD step the average is halfway between old and new params."""
     import optax
-    from jaxdiff.sampling.model import load_run
+    from jaxdiff.runs import load_run
     run = load_run(run_dir)
     net, params = T.add_trigger_label(run.net, run.variables['params'])
     image = jnp.asarray(T.default_watermark_image(8, 1), jnp.float32) / 127.5 - 1
@@ -142,7 +142,7 @@ def test_train_py_continues_a_trigger_run_on_clean_data(tuned, tmp_path):
     that row stays as fine-tuned (Adam moves nothing with zero gradient) while the ordinary rows train on."""
     import shutil
     from jaxdiff.config import from_file
-    from jaxdiff.sampling.model import load_run
+    from jaxdiff.runs import load_run
     from jaxdiff.train.loop import run
     path, report = tuned[0.0]
     work = str(tmp_path / 'clean')

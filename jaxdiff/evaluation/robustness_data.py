@@ -4,7 +4,6 @@ as DiffPure's purifier or the smoothing denoiser (``python -m eval.robustness`` 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import ml_collections
@@ -17,36 +16,23 @@ class Classifier:
     """A trained adversarial-training run: ``apply(variables, x (B, H, W, C) in [0, 1]) -> logits (B, K)``."""
 
     def __init__(self, workdir: str, checkpoint: str = 'auto'):
-        from jaxdiff.data.sources import DatasetInfo
-        from jaxdiff.robust import adv_step, trainer
+        from jaxdiff.robust import trainer
+        from jaxdiff.runs import load_run, task_of
         from jaxdiff.train import checkpoint as ckpt
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of an adversarial '
                                     'training run (python train.py --config configs/robust_digits.py --workdir RUN)')
-        config = ml_collections.ConfigDict(ckpt.read_config(workdir))
-        if config.get('task') != 'adversarial':
-            raise ValueError(f'{workdir} is a {config.get("task", "denoiser")!r} run, not a classifier: --workdir '
-                             'takes a task=adversarial run (configs/robust_*.py)')
-        info_path = os.path.join(workdir, ckpt.INFO_FILE)
-        if not os.path.isfile(info_path):
-            raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}; the run never started training')
-        with open(info_path) as f:
-            self.info = DatasetInfo(**json.load(f))
-        best_dir = os.path.join(workdir, trainer.BEST_DIR)
-        use_best = checkpoint == 'best' or (checkpoint == 'auto' and os.path.isdir(os.path.join(best_dir,
-                                                                                                'checkpoints')))
-        if checkpoint == 'best' and not os.path.isdir(os.path.join(best_dir, 'checkpoints')):
-            raise FileNotFoundError(f'{workdir} has no best/ checkpoint (evaluation never ran); use '
-                                    '--checkpoint latest')
-        if not use_best and not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-            raise ckpt.CheckpointError(f'{workdir} has no checkpoints/ folder; train first or pass another --workdir')
-        state = ckpt.load_arrays(best_dir if use_best else workdir)
-        self.workdir, self.config = workdir, config
-        self.source = 'best' if use_best else 'latest'
-        self.step = int(state['step'])
-        self.best = trainer.read_best(workdir) if use_best else None
-        self.net = adv_step.build_net(config, self.info)
-        self.variables = {'params': state['ema'], 'batch_stats': state['buffers']}
+        task = task_of(ml_collections.ConfigDict(ckpt.read_config(workdir)))
+        if task != 'adversarial':
+            raise ValueError(f'{workdir} is a {task!r} run, not a classifier: --workdir takes a task=adversarial '
+                             'run (configs/robust_*.py)')
+        if checkpoint == 'auto':
+            checkpoint = 'best' if os.path.isdir(os.path.join(workdir, trainer.BEST_DIR, 'checkpoints')) else 'latest'
+        run = load_run(workdir, checkpoint=checkpoint)
+        self.workdir, self.config, self.info, self.net, self.variables = workdir, run.config, run.info, run.net, \
+            run.variables
+        self.source, self.step = run.checkpoint, run.step
+        self.best = trainer.read_best(workdir) if checkpoint == 'best' else None
         self.shape = (self.info.resolution, self.info.resolution, self.info.channels)
 
     def apply(self, variables, x):

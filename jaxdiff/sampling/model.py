@@ -1,6 +1,6 @@
 """What sample.py samples from: a train.py run directory or a converted EDM checkpoint, as one ``Model``.
 
-- A run directory (``config.json`` + ``checkpoints/``; :func:`load_run` reads one of any task): the net is
+- A run directory (``config.json`` + ``checkpoints/``; :func:`jaxdiff.runs.load_run` reads one of any task): the net is
   rebuilt from the saved config and ``dataset_info.json`` (written by train.py; older runs fall back to reading the
   dataset once); the variables are the EMA (or raw) params of the newest checkpoint that verifies, or of ``step``.
 - A folder written by ``python -m jaxdiff.nets.convert`` (``net_config.json`` + ``variables/``): the net and the
@@ -15,12 +15,10 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-import ml_collections
-
 from jaxdiff import precond
 from jaxdiff.denoiser import Denoiser
+from jaxdiff.runs import load_run
 from jaxdiff.transforms.classifier import LogitsFn, LogProbFn, class_log_prob
-
 
 class Model(NamedTuple):
     """A network with its variables and how to turn them into a denoiser.
@@ -37,7 +35,6 @@ class Model(NamedTuple):
     label_dim: int
     sigma_range: tuple[float, float]
     description: dict
-
 
 def load_model(path: str, *, use_ema: bool = True, step: Optional[int] = None) -> Model:
     """A run directory of train.py or a converted EDM checkpoint folder -> Model (see the module docstring).
@@ -56,63 +53,23 @@ def load_model(path: str, *, use_ema: bool = True, step: Optional[int] = None) -
         return _converted(path)
     return _run(path, use_ema, step)
 
-
-class RunWeights(NamedTuple):
-    """A train.py run directory's saved config, dataset info, rebuilt net and chosen variables."""
-    config: ml_collections.ConfigDict
-    info: Any
-    net: Any
-    variables: dict
-    step: int
-
-
-def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None) -> RunWeights:
-    """config.json + dataset_info.json + a checkpoint of a train.py run -> RunWeights (any task).
-
-    use_ema: the EMA params (else the raw params); step: a checkpoint step (None = the newest usable one).
-    Raises FileNotFoundError / CheckpointError with one-line messages.
-    """
-    from jaxdiff.train import checkpoint as ckpt
-    from jaxdiff.train.model import build_net
-
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
-    config = ml_collections.ConfigDict(ckpt.read_config(workdir))
-    info = _dataset_info(workdir, config)
-    net = build_net(config, info)
-    if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-        raise ckpt.CheckpointError(f'{workdir} has no checkpoints/ folder; train first or pass another --workdir')
-    state = ckpt.load_arrays(workdir, step)
-    variables = {'params': state['ema'] if use_ema else state['params']}
-    if state.get('buffers'):
-        variables['buffers'] = state['buffers']
-    return RunWeights(config=config, info=info, net=net, variables=variables, step=int(state['step']))
-
-
 def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
-    from jaxdiff.train.model import denoiser_fn, is_classifier
+    from jaxdiff.train.model import denoiser_fn
     from jaxdiff.train.sample_grid import sigma_range
 
     run = load_run(workdir, use_ema=use_ema, step=step)
     config, net = run.config, run.net
-    if is_classifier(config):
+    if run.task == 'noisy_classifier':
         raise ValueError(f'{workdir} is a noisy classifier run, not a denoiser; guide a denoiser with it: '
                          f'sample.py --guidance classifier:run={workdir}')
+    if run.task != 'denoiser':
+        raise ValueError(f'{workdir} is an adversarial-training run (a robust classifier), not a diffusion model; '
+                         'evaluate it with python -m eval.robustness --workdir ' + workdir)
     description = dict(kind='train_run', path=os.path.abspath(workdir), step=run.step,
                        params='ema' if use_ema else 'raw', arch=config.model.arch, precond=config.model.precond)
     return Model(net=net, variables=run.variables, denoiser=lambda v: denoiser_fn(config, net, v),
                  resolution=run.info.resolution, channels=run.info.channels, label_dim=net.label_dim,
                  sigma_range=sigma_range(config), description=description)
-
-
-def _dataset_info(workdir: str, config):
-    from jaxdiff.train import checkpoint as ckpt
-    info = ckpt.read_dataset_info(workdir)
-    if info is not None:
-        return info
-    from jaxdiff.train.loop import make_data  # runs trained before dataset_info.json existed
-    return make_data(config)[1]
-
 
 # Reference preconditioning classes -> (jaxdiff binder, the constants it takes from the pickle's attributes).
 _PRECONDS = {
@@ -121,7 +78,6 @@ _PRECONDS = {
     'VEPrecond': (precond.ve, ()),
     'iDDPMPrecond': (precond.iddpm, ('M', 'C_1', 'C_2')),
 }
-
 
 def _converted(folder: str) -> Model:
     from jaxdiff.nets import convert
@@ -146,7 +102,6 @@ def _converted(folder: str) -> Model:
     return Model(net=net, variables=variables, denoiser=denoiser, resolution=int(net.img_resolution),
                  channels=channels, label_dim=label_dim, sigma_range=(lo, hi), description=description)
 
-
 def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[float] = None, use_ema: bool = True,
                             step: Optional[int] = None) -> LogitsFn:
     """logits_fn(x (B,H,W,C), sigma () or (B,)) -> (B, num_classes) of a noise-conditional classifier.
@@ -158,12 +113,11 @@ def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[f
     The returned function carries the class count as ``logits_fn.num_classes``.
     """
     from jaxdiff.nets.noisy_classifier import noisy_logits
-    from jaxdiff.train.model import is_classifier
     if isinstance(source, str):
         run = load_run(source, use_ema=use_ema, step=step)
-        if not is_classifier(run.config):
-            raise ValueError(f'{source} is a {run.config.get("task", "denoiser")} run, not a noisy classifier; '
-                             'train one with configs/*_noisy_classifier.py')
+        if run.task != 'noisy_classifier':
+            raise ValueError(f'{source} is a {run.task} run, not a noisy classifier; train one with '
+                             'configs/*_noisy_classifier.py')
         net, variables, sd = run.net, run.variables, run.config.model.sigma_data
     else:
         net, variables = source
@@ -175,7 +129,6 @@ def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[f
 
     logits_fn.num_classes = net.num_classes
     return logits_fn
-
 
 def noisy_classifier_log_prob(source: Union[str, tuple], **kwargs) -> LogProbFn:
     """log_prob_fn(x (B,H,W,C), sigma () or (B,), cond (B, num_classes) one-hot) -> (B,) for

@@ -226,7 +226,8 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     Raises FileNotFoundError / ValueError (one line) for a missing or unconditional run, an unreadable image, an
     out_dir that already holds a run, or a non-finite loss (nothing is written then).
     """
-    from jaxdiff.sampling.model import load_model, load_run
+    from jaxdiff.runs import load_run
+    from jaxdiff.sampling.model import load_model
     from jaxdiff.train import checkpoint as ckpt
     from jaxdiff.train.optimizer import make_optimizer
     from jaxdiff.train.state import TrainState
@@ -236,7 +237,7 @@ def finetune(base_run: str, out_dir: str, *, image_path: Optional[str] = None, l
     if os.path.isdir(os.path.join(out_dir, 'checkpoints')):
         raise ValueError(f'{out_dir} already holds a run; pick a new --out (fine-tuning starts from the base run)')
     run = load_run(base_run)
-    if run.config.get('task', 'denoiser') != 'denoiser':
+    if run.task != 'denoiser':
         raise ValueError(f'{base_run} is not a denoiser run')
     net, frozen = add_trigger_label(run.net, jax.tree.map(jnp.asarray, run.variables['params']))
     cond = trigger_condition(net.label_dim)

@@ -1,0 +1,90 @@
+"""Any train.py run directory -> its task, config, dataset info, rebuilt network and chosen weights.
+
+    run = load_run(workdir)                                  # EMA weights of the newest usable checkpoint
+    run = load_run(workdir, use_ema=False, step=2000)
+    run = load_run(workdir, checkpoint='best')               # adversarial runs: the keep-best checkpoint (best/)
+
+The task (``config.task``: 'denoiser', 'noisy_classifier' or 'adversarial') picks the network builder and the
+variables' layout: {'params'[, 'buffers']} for the diffusion nets and the noisy classifier, {'params',
+'batch_stats'} for the adversarially trained classifiers (flax BatchNorm). sample.py, the evaluators, guidance
+and fine-tuning load runs through this one function.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple, Optional
+
+import ml_collections
+
+from jaxdiff.robust.trainer import BEST_DIR
+
+TASKS = ('denoiser', 'noisy_classifier', 'adversarial')
+
+
+class Run(NamedTuple):
+    """A loaded run. variables: the chosen weights in the layout ``net.apply`` takes; step: the checkpoint's step;
+    checkpoint: 'latest', 'best' or 'step N'."""
+    task: str
+    config: ml_collections.ConfigDict
+    info: Any                 # jaxdiff.data.sources.DatasetInfo: resolution, channels, num_classes, size
+    net: Any
+    variables: dict
+    step: int
+    checkpoint: str
+    workdir: str
+
+
+def task_of(config) -> str:
+    """The run's task ('denoiser' when the config predates the field)."""
+    return config.get('task', 'denoiser') or 'denoiser'
+
+
+def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, checkpoint: str = 'latest') -> Run:
+    """config.json + dataset_info.json + a checkpoint of a train.py run -> :class:`Run`, for every task.
+
+    use_ema: the EMA weights (else the raw params); step: a checkpoint step (None = the newest usable one);
+    checkpoint: 'latest', or 'best' for an adversarial run's keep-best checkpoint (``RUN/best``).
+    Raises FileNotFoundError / ValueError / CheckpointError with one-line messages.
+    """
+    from jaxdiff.train import checkpoint as ckpt
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
+    config = ml_collections.ConfigDict(ckpt.read_config(workdir))
+    task = task_of(config)
+    if task not in TASKS:
+        raise ValueError(f'{workdir} is a {task!r} run; jaxdiff loads runs of the tasks {", ".join(TASKS)}')
+    if checkpoint not in ('latest', 'best'):
+        raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'best'")
+    folder = workdir
+    if checkpoint == 'best':
+        folder = os.path.join(workdir, BEST_DIR)
+        if task != 'adversarial' or not os.path.isdir(os.path.join(folder, 'checkpoints')):
+            raise FileNotFoundError(f'{workdir} has no best/ checkpoint (adversarial runs keep one once an evaluation '
+                                    'ran); use the latest checkpoint (--checkpoint latest)')
+    elif not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+        raise ckpt.CheckpointError(f'{workdir} has no checkpoints/ folder; train first or pass another --workdir')
+    info = _dataset_info(workdir, config)
+    state = ckpt.load_arrays(folder, step)
+    weights = state['ema'] if use_ema else state['params']
+    if task == 'adversarial':
+        from jaxdiff.robust import adv_step
+        net, variables = adv_step.build_net(config, info), {'params': weights, 'batch_stats': state['buffers']}
+    else:
+        from jaxdiff.train.model import build_net
+        net, variables = build_net(config, info), {'params': weights}
+        if state.get('buffers'):
+            variables['buffers'] = state['buffers']
+    label = checkpoint if step is None else f'step {step}'
+    return Run(task, config, info, net, variables, int(state['step']), label, workdir)
+
+
+def _dataset_info(workdir: str, config):
+    """The run's DatasetInfo: dataset_info.json, or (runs trained before it existed) the dataset read once."""
+    from jaxdiff.train import checkpoint as ckpt
+    info = ckpt.read_dataset_info(workdir)
+    if info is not None:
+        return info
+    if task_of(config) == 'adversarial':
+        raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}; the run never started training')
+    from jaxdiff.train.loop import make_data
+    return make_data(config)[1]
