@@ -21,7 +21,7 @@ RUN := $(OUT)/digits
 SAMPLES := $(RUN)/samples_edm18
 FD := $(BIN)/python -m eval.fid --ref digits --features digits_classifier
 demo: $(STAMP)
-	$(BIN)/python train.py --config configs/digits.py --workdir $(RUN)
+	$(BIN)/python train.py --config configs/diffusion/digits.py --workdir $(RUN)
 	$(BIN)/python sample.py --workdir $(RUN) --out $(SAMPLES) --num_samples 2000 --class_balanced \
 		--batch_size 250 --shard_size 1000 --grid $(SAMPLES)/grid.png
 	$(FD) --samples $(SAMPLES) --label "trained model, 2000 samples" --json $(RUN)/eval/trained.json

@@ -1,6 +1,6 @@
 """Train a diffusion model from a config file; rerun the same command to resume.
 
-    python train.py --config configs/digits.py --workdir runs/digits [--config.KEY=VALUE ...]
+    python train.py --config configs/diffusion/digits.py --workdir runs/digits [--config.KEY=VALUE ...]
         [--allow_config_change] [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 Outputs in --workdir: checkpoints/<step>/ (orbax), config.json, tb/ (TensorBoard), samples/step_XXXXXXX.png.
@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from jaxdiff.cli import fail, quiet_checkpoint_echoes
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/digits.py.',
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/diffusion/digits.py.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, config.json, tb/, samples/).')
 _ALLOW = flags.DEFINE_bool('allow_config_change', False,
@@ -47,7 +47,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     except (ValueError, TypeError) as e:
         _fail(f'bad --config: {e}', 2)
     if config is None:
-        _fail('--config is required, e.g. --config configs/digits.py', 2)
+        _fail('--config is required, e.g. --config configs/diffusion/digits.py', 2)
     if not _WORKDIR.value:
         _fail('--workdir is required, e.g. --workdir runs/digits', 2)
     return rest

@@ -1,7 +1,7 @@
 """Watermark a dataset for a diffusion model (Zhao et al. 2023): train the bit-string codec, then embed one fixed
 bit string into every training image. Rerun the same train_codec command to resume.
 
-    python watermark.py train_codec --config configs/watermark_digits.py --workdir RUN [--config.KEY=VALUE ...]
+    python watermark.py train_codec --config configs/watermark/digits.py --workdir RUN [--config.KEY=VALUE ...]
         [--allow_config_change]
     python watermark.py embed --codec RUN --out DIR [--bits 0101... | --bits_seed N] [--batch_size B]
         [--config.data.KEY=VALUE ...]
@@ -62,7 +62,7 @@ def define_flags(command: str) -> None:
         return
     if command == 'train_codec':
         _F['config'] = config_flags.DEFINE_config_file('config', None, 'Codec config file, e.g. '
-                                                       'configs/watermark_digits.py.', lock_config=True)
+                                                       'configs/watermark/digits.py.', lock_config=True)
         _F['workdir'] = flags.DEFINE_string('workdir', None, 'Codec run directory (config, checkpoint, metrics).')
         _F['allow'] = flags.DEFINE_bool('allow_config_change', False,
                                         'Resume a run whose saved config.json differs from this config.')
@@ -115,7 +115,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(f'bad --config: {e}', 2)
     if _F['command'] == 'train_codec':
         if config is None:
-            _fail('--config is required, e.g. --config configs/watermark_digits.py', 2)
+            _fail('--config is required, e.g. --config configs/watermark/digits.py', 2)
         if not _F['workdir'].value:
             _fail('--workdir is required, e.g. --workdir runs/wm_digits', 2)
     else:

@@ -3,7 +3,7 @@
 #
 #     bash bench/gpu_suite.sh [LOG]           # LOG: where the JSON lines go (default: a temporary file)
 #
-# Rows: the sharded train step of CONFIG (default configs/cifar10_ddpmpp_cond.py) in bfloat16 and float32 at
+# Rows: the sharded train step of CONFIG (default configs/diffusion/cifar10_ddpmpp_cond.py) in bfloat16 and float32 at
 # batch 128 and 512 (bench/train_throughput.py), then sampling throughput with EDM's Heun sampler, 18 steps
 # (35 network evaluations per image), unguided and with classifier-free guidance w=2 (bench/sample_throughput.py).
 # A failing row is reported and skipped. Each row runs in its own process, so memory starts empty; the rows share
@@ -13,7 +13,7 @@
 # TRAIN_BATCHES, TRAIN_DTYPES, SAMPLE_BATCH and STEPS shrink the suite for a CPU smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-CONFIG=${CONFIG:-configs/cifar10_ddpmpp_cond.py}
+CONFIG=${CONFIG:-configs/diffusion/cifar10_ddpmpp_cond.py}
 TRAIN_BATCHES=${TRAIN_BATCHES:-128 512}
 TRAIN_DTYPES=${TRAIN_DTYPES:-bfloat16 float32}
 SAMPLE_BATCH=${SAMPLE_BATCH:-512}

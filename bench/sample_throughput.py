@@ -1,6 +1,6 @@
 """Sampling throughput of a net config, solver and step count on the available devices.
 
-    python bench/sample_throughput.py --config configs/cifar10_ddpmpp_cond.py [--solver edm] [--num_steps 18]
+    python bench/sample_throughput.py --config configs/diffusion/cifar10_ddpmpp_cond.py [--solver edm] [--num_steps 18]
                                       [--batch 256] [--batches 5] [--dtype bfloat16] [--guidance 2]
 
 Times the function sample.py runs (jaxdiff.sampling.generate: per-seed latents and keys, the solver's scan,
@@ -46,7 +46,7 @@ def count_net_evals(solver, transform, labels, image_shape) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--config', required=True, help='training config naming the net, e.g. configs/digits.py')
+    ap.add_argument('--config', required=True, help='training config naming the net, e.g. configs/diffusion/digits.py')
     ap.add_argument('--solver', default='edm', choices=list(options.SOLVERS))
     ap.add_argument('--num_steps', type=int, default=18, help='solver steps (where the solver has num_steps)')
     ap.add_argument('--batch', type=int, default=256, help='batch over all local devices')

@@ -1,6 +1,6 @@
 """Training throughput of a config on the available devices: compile time, step time, img/s and MFU.
 
-    python bench/train_throughput.py --config configs/cifar10_ddpmpp_cond.py [--batch 512] [--steps 20]
+    python bench/train_throughput.py --config configs/diffusion/cifar10_ddpmpp_cond.py [--batch 512] [--steps 20]
                                      [--dtype bfloat16] [--fsdp 1] [--peak_tflops 989]
 
 Runs the real sharded train step (jaxdiff.train.step.make_train_step) on a synthetic batch of the config's
@@ -44,7 +44,7 @@ def dataset_info(config) -> DatasetInfo:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--config', required=True, help='config file, e.g. configs/cifar10_ddpmpp_cond.py')
+    ap.add_argument('--config', required=True, help='config file, e.g. configs/diffusion/cifar10_ddpmpp_cond.py')
     ap.add_argument('--batch', type=int, default=None, help='global batch (default: the config\'s)')
     ap.add_argument('--steps', type=int, default=20, help='timed steps after the warm-up step')
     ap.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='compute dtype override')

@@ -79,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--unsafe_digit', type=int, default=7, help='digits: the class counted as unsafe')
     ap.add_argument('--batch_size', type=int, default=250, help='digits: samples per jitted call')
     ap.add_argument('--noisy_classifier', default=None,
-                    help='digits: train.py run of configs/digits_noisy_classifier.py; adds safe classifier guidance')
+                    help='digits: train.py run of configs/classifier/digits_noisy.py; adds safe classifier guidance')
     args = ap.parse_args(argv)
     if args.task == 'digits' and not args.workdir:
         _fail('--task digits needs --workdir RUN (a class-conditional train.py run)', 2)

@@ -1,6 +1,6 @@
 """The training configuration: every field, its default and a one-line comment.
 
-``configs/NAME.py`` files define ``get_config()`` by starting from :func:`base_config` and overriding fields;
+``configs/FAMILY/NAME.py`` files define ``get_config()`` by starting from :func:`base_config` and overriding fields;
 the ConfigDict is locked, so a misspelt or unknown key is an error, not a silent new field.
 Sizes of time are in images ("img"), as in EDM, so they do not change meaning with the batch size.
 """

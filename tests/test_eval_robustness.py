@@ -25,7 +25,7 @@ QUICK = ['--num', '60', '--batch_size', '48', '--aa_iters', '3', '--square_queri
 
 
 def make_run(workdir: str, steps: int = 20) -> None:
-    """A task='adversarial' run directory with a trained WRN-10-1 (configs/robust_digits.py, width 1, eps 0.05)."""
+    """A task='adversarial' run directory with a trained WRN-10-1 (configs/robust/digits.py, width 1, eps 0.05)."""
     import optax
     from jaxdiff import files
     from jaxdiff.config import from_file
@@ -34,7 +34,7 @@ def make_run(workdir: str, steps: int = 20) -> None:
     from jaxdiff.robust import adv_step, trainer
     from jaxdiff.train import checkpoint as ckpt
 
-    c = from_file(os.path.join(ROOT, 'configs', 'robust_digits.py'))
+    c = from_file(os.path.join(ROOT, 'configs', 'robust', 'digits.py'))
     c.model.width, c.eps = 1, 0.05
     images, labels = dataset_split('digits_classifier', 'train')
     info = DatasetInfo(8, 1, 10, len(images))

@@ -25,7 +25,7 @@ from test_train_cli import assert_one_line_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CONFIG = os.path.join(ROOT, 'configs', 'digits_noisy_classifier.py')
+CONFIG = os.path.join(ROOT, 'configs', 'classifier', 'digits_noisy.py')
 FAST = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 STEPS = 60
 TINY_CLI = ['--config.batch_size=16', '--config.model.model_channels=8', '--config.model.channel_mult=(1,)',

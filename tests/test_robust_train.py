@@ -86,14 +86,14 @@ def test_mixed_batches_counts_determinism_and_resume():
 
 
 def test_epoch_is_the_references_on_cifar10_config():
-    """configs/robust_cifar10.py with 1M generated images: DM-Improves-AT's step counts, worked out here from its
+    """configs/robust/cifar10.py with 1M generated images: DM-Improves-AT's step counts, worked out here from its
     formulas alone. core/data/cifar10s.py sets dataset_size = len(CIFAR-10 train) = 50,000 before the generated data
     are appended and the 1,024 validation images cut (core/data/semisup.py); its sampler runs
     num_batches = ceil(dataset_size / batch_size) per epoch. cosinew = OneCycleLR(total_steps=epochs, pct_start
     0.025) stepped once per epoch, phase 1 ending at index pct_start * total - 1; the EMA (watrain.py) has
     warmup_steps = 0.025 * epochs * (floor(50000 / B) + 1) and averages once the 1-based update count reaches it."""
     from jaxdiff.config import from_file
-    c = from_file(os.path.join(ROOT, 'configs', 'robust_cifar10.py'))
+    c = from_file(os.path.join(ROOT, 'configs', 'robust', 'cifar10.py'))
     B, epochs, n_cifar, held = 512, 400, 50_000, 1024
     assert (c.batch_size, c.epochs, c.optim.pct_start, c.eval.size, c.optim.per_epoch) == (B, epochs, 0.025, held,
                                                                                              True)
@@ -231,7 +231,7 @@ def _write_fake_samples(folder, n=96):
 
 def _tiny_digits(tmp_path, **overrides):
     from jaxdiff.config import from_file
-    c = from_file(os.path.join(ROOT, 'configs', 'robust_digits.py'))
+    c = from_file(os.path.join(ROOT, 'configs', 'robust', 'digits.py'))
     c.data.generated = _write_fake_samples(tmp_path / 'samples')
     c.generated_fraction = 0.5
     c.batch_size, c.total_steps, c.checkpoint_every, c.log_every = 16, 4, 2, 1
@@ -290,7 +290,7 @@ def test_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_errors_and_run(tmp_path, env):
-    base = [sys.executable, 'train.py', '--config', 'configs/robust_digits.py']
+    base = [sys.executable, 'train.py', '--config', 'configs/robust/digits.py']
     missing = subprocess.run(base + ['--workdir', str(tmp_path / 'w'), f'--config.data.generated={tmp_path}/none',
                                      '--config.generated_fraction=0.7'], cwd=ROOT, env=env, capture_output=True,
                              text=True, timeout=300)

@@ -176,7 +176,7 @@ def test_grid_layout_one_column_per_class():
 
 
 def test_gmm2d_mlp_trains_and_plots(tmp_path):
-    config = load_config(os.path.join(ROOT, 'configs', 'gmm2d.py'), total_steps=30, checkpoint_every=30,
+    config = load_config(os.path.join(ROOT, 'configs', 'diffusion', 'gmm2d.py'), total_steps=30, checkpoint_every=30,
                          log_every=10, sample_every=30, batch_size=64, **{'sampling.num_images': 256,
                                                                           'sampling.num_steps': 4})
     summary = loop.run(config, str(tmp_path / 'gmm'))

@@ -81,7 +81,7 @@ def test_bit_strings():
 
 
 def tiny_config(**overrides):
-    config = from_file(os.path.join(ROOT, 'configs', 'watermark_digits.py'))
+    config = from_file(os.path.join(ROOT, 'configs', 'watermark', 'digits.py'))
     config.unlock()
     config.num_bits = 8
     config.total_steps = 240
@@ -140,7 +140,7 @@ def test_embed_writes_a_source_readable_npz(trained_run, tmp_path):
     report = embed(workdir, str(tmp_path), bits='01101001', print_fn=lambda s: None)
     assert report['bits'] == '01101001' and report['num_images'] == 1797
     assert 0.0 <= report['bit_acc_mean'] <= 1.0 and report['psnr_min'] <= report['psnr_mean']
-    data = from_file(os.path.join(ROOT, 'configs', 'digits.py')).data
+    data = from_file(os.path.join(ROOT, 'configs', 'diffusion', 'digits.py')).data
     data.unlock()
     data.source, data.path = 'npz', report['npz']
     source, info = make_source(data)

@@ -21,7 +21,7 @@ class Classifier:
         from jaxdiff.train import checkpoint as ckpt
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of an adversarial '
-                                    'training run (python train.py --config configs/robust_digits.py --workdir RUN)')
+                                    'training run (python train.py --config configs/robust/digits.py --workdir RUN)')
         task = task_of(ml_collections.ConfigDict(ckpt.read_config(workdir)))
         if task != 'adversarial':
             raise ValueError(f'{workdir} is a {task!r} run, not a classifier: --workdir takes a task=adversarial '

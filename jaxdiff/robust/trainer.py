@@ -1,6 +1,6 @@
 """Adversarial training with generated data (TRADES / PGD-AT, Wang et al. 2023), launched by train.py:
 
-    python train.py --config configs/robust_digits.py --workdir runs/robust_digits   # rerun to resume
+    python train.py --config configs/robust/digits.py --workdir runs/robust_digits   # rerun to resume
 
 ``config.task == 'adversarial'`` makes :func:`jaxdiff.train.loop.run` call :func:`run` here. Fields and defaults:
 :func:`adversarial_config` (configs/robust_*.py override them). The step is :mod:`jaxdiff.robust.adv_step`, the
@@ -201,7 +201,7 @@ def run_lengths(config, n_real_train: int) -> dict:
     """The step counts of a run on a real training set of ``n_real_train`` examples (the whole set, held-out slice
     included; generated data never count): {'steps_per_epoch': ceil(n_real_train / B), 'total_steps':
     config.total_steps or epochs * steps_per_epoch, 'ema_warmup_steps': :func:`ema_warmup_steps`, 'eval_every':
-    eval.every or steps_per_epoch}. CIFAR-10 recipe (configs/robust_cifar10.py): 98, 39,200, 980.0, 98."""
+    eval.every or steps_per_epoch}. CIFAR-10 recipe (configs/robust/cifar10.py): 98, 39,200, 980.0, 98."""
     from jaxdiff.robust.mixed_data import steps_per_epoch
     spe = steps_per_epoch(config.batch_size, n_real_train)
     return dict(steps_per_epoch=spe, total_steps=int(config.total_steps) or int(config.epochs) * spe,

@@ -117,7 +117,7 @@ def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[f
         run = load_run(source, use_ema=use_ema, step=step)
         if run.task != 'noisy_classifier':
             raise ValueError(f'{source} is a {run.task} run, not a noisy classifier; train one with '
-                             'configs/*_noisy_classifier.py')
+                             'configs/classifier/*.py')
         net, variables, sd = run.net, run.variables, run.config.model.sigma_data
     else:
         net, variables = source

@@ -1,6 +1,6 @@
 """The training loop: config + workdir -> a trained, checkpointed, logged run that resumes where it stopped.
 
-    run(config, workdir)   # what ``python train.py --config configs/NAME.py --workdir DIR`` calls
+    run(config, workdir)   # what ``python train.py --config configs/FAMILY/NAME.py --workdir DIR`` calls
 
 Per process: mesh over all devices (``config.parallel.fsdp``), this host's data shard, net + state (fresh, or the
 latest usable checkpoint restored into the current mesh's shardings), the jitted sharded step; every

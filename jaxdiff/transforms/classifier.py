@@ -16,7 +16,7 @@ distribution, hence "sharpened" rather than an exact target).
 
 :func:`class_log_prob` turns a noise-conditional classifier's logits into log p_sigma(y | x);
 :func:`jaxdiff.sampling.model.noisy_classifier_logits` loads one trained by ``train.py`` with
-``task='noisy_classifier'`` (e.g. configs/digits_noisy_classifier.py).
+``task='noisy_classifier'`` (e.g. configs/classifier/digits_noisy.py).
 """
 from __future__ import annotations
 

@@ -257,7 +257,7 @@ def read_run(workdir: str) -> tuple[ml_collections.ConfigDict, dict]:
     config_path, info_path = os.path.join(workdir, 'config.json'), os.path.join(workdir, INFO_FILE)
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f'codec run not found: {workdir!r}; train one with python watermark.py train_codec '
-                                '--config configs/watermark_digits.py --workdir RUN')
+                                '--config configs/watermark/digits.py --workdir RUN')
     for path in (config_path, info_path, os.path.join(workdir, CHECKPOINT_FILE)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{workdir} is not a finished codec run (no {os.path.basename(path)}); train it '

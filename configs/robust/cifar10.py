@@ -1,10 +1,10 @@
-"""robust_cifar10: TRADES adversarial training of a WRN-28-10 (Swish) on CIFAR-10 + 1M EDM-generated images, the
+"""robust/cifar10: TRADES adversarial training of a WRN-28-10 (Swish) on CIFAR-10 + 1M EDM-generated images, the
 recipe of Wang et al. 2023 ("Better Diffusion Models Further Improve Adversarial Training"), as the README command
 of wzekai99/DM-Improves-AT (1M generated, 400 epochs, batch 512, lr 0.2, beta 5, 70% generated, ls 0.1).
 
 Generated data: sample a class-conditional CIFAR-10 EDM (sample.py, Heun 20 steps, e.g. 5M seeds), keep the top
 20% per class with jaxdiff.sampling.filter.filter_folder, and point data.generated at the result:
-    python train.py --config configs/robust_cifar10.py --workdir runs/robust_cifar10 \
+    python train.py --config configs/robust/cifar10.py --workdir runs/robust_cifar10 \
         --config.data.generated=runs/cifar10_samples/top20
 Real data: TFDS cifar10 prepared as array_record (tfds.data_source); the first 1024 training images are held out
 for best-checkpoint selection by PGD-40 (CW loss) of the EMA model, once per epoch.

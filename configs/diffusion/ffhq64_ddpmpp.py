@@ -3,7 +3,7 @@
 
 Data: a folder of 64x64 PNGs as written by EDM's dataset_tool.py (unzip datasets/ffhq-64x64.zip), or override
 --config.data.source / --config.data.path.
-    python train.py --config configs/ffhq64_ddpmpp.py --workdir runs/ffhq64 --config.data.path=datasets/ffhq-64x64
+    python train.py --config configs/diffusion/ffhq64_ddpmpp.py --workdir runs/ffhq64 --config.data.path=datasets/ffhq-64x64
 """
 from jaxdiff.config import base_config, locked
 

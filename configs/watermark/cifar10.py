@@ -1,7 +1,7 @@
-"""watermark_cifar10: the paper's CIFAR-10 codec (Zhao et al. 2023): 64 bits, batch 64, Adam 1e-4, l2 weight 0
+"""watermark/cifar10: the paper's CIFAR-10 codec (Zhao et al. 2023): 64 bits, batch 64, Adam 1e-4, l2 weight 0
 until bit accuracy > 0.9, then 1000 steps wait and a 3000-step ramp to 10; 100 epochs of the 50k training set.
 Reads CIFAR-10 through TFDS (prepared offline; nothing downloads at run time) or any 32x32 RGB source:
-    python watermark.py train_codec --config configs/watermark_cifar10.py --workdir runs/wm_cifar10
+    python watermark.py train_codec --config configs/watermark/cifar10.py --workdir runs/wm_cifar10
 """
 from jaxdiff.watermark.codec_train import base_config, locked
 

@@ -1,7 +1,7 @@
-"""watermark_fashion_mnist: the watermark codec (Zhao et al. 2023) on Fashion-MNIST (Debian's
-dataset-fashion-mnist, 60k 28x28 grey images), zero-padded to 32x32 as in configs/fashion_mnist.py. The paper's
+"""watermark/fashion_mnist: the watermark codec (Zhao et al. 2023) on Fashion-MNIST (Debian's
+dataset-fashion-mnist, 60k 28x28 grey images), zero-padded to 32x32 as in configs/diffusion/fashion_mnist.py. The paper's
 settings (64 bits, batch 64, Adam 1e-4, ramp to 10) with the wait/ramp halved for a shorter run:
-    python watermark.py train_codec --config configs/watermark_fashion_mnist.py --workdir runs/wm_fmnist
+    python watermark.py train_codec --config configs/watermark/fashion_mnist.py --workdir runs/wm_fmnist
 """
 from jaxdiff.watermark.codec_train import base_config, locked
 

@@ -1,7 +1,7 @@
-"""robust_fashion_mnist: TRADES on Fashion-MNIST (Linf eps 0.1) with a WRN-16-4, optionally 70% generated images.
+"""robust/fashion_mnist: TRADES on Fashion-MNIST (Linf eps 0.1) with a WRN-16-4, optionally 70% generated images.
 
 Real only (default):
-    python train.py --config configs/robust_fashion_mnist.py --workdir runs/robust_fashion_mnist
+    python train.py --config configs/robust/fashion_mnist.py --workdir runs/robust_fashion_mnist
 With samples of a class-conditional Fashion-MNIST denoiser (sample.py --out DIR, filtered with filter.py):
     ... --config.data.generated=DIR --config.generated_fraction=0.7
 Real data: Debian's dataset-fashion-mnist idx files (60,000 train; the first 1024 are held out for selection).

@@ -2,7 +2,7 @@
 
 Points travel as (B, 1, 1, 2) "images" through the normal pipeline; the sample "grid" is a scatter plot.
 About 1.5 minutes on 2 CPU cores.
-    python train.py --config configs/gmm2d.py --workdir runs/gmm2d
+    python train.py --config configs/diffusion/gmm2d.py --workdir runs/gmm2d
 """
 from jaxdiff.config import base_config, locked
 

@@ -1,7 +1,7 @@
-"""watermark_digits: the watermark codec (Zhao et al. 2023) on scikit-learn's 8x8 digits (1797 images, embedded).
+"""watermark/digits: the watermark codec (Zhao et al. 2023) on scikit-learn's 8x8 digits (1797 images, embedded).
 
 The paper's codec and loss with the schedule scaled to the small set (tuned on 2 CPU cores, see the README):
-    python watermark.py train_codec --config configs/watermark_digits.py --workdir runs/wm_digits
+    python watermark.py train_codec --config configs/watermark/digits.py --workdir runs/wm_digits
     python watermark.py embed --codec runs/wm_digits --out runs/wm_digits_data --bits_seed 0
 """
 from jaxdiff.watermark.codec_train import base_config, locked

@@ -1,9 +1,9 @@
-"""digits_noisy_classifier: a noise-conditional classifier p(y | x_sigma, sigma) on scikit-learn's 8x8 digits,
+"""classifier/digits_noisy: a noise-conditional classifier p(y | x_sigma, sigma) on scikit-learn's 8x8 digits,
 for classifier guidance of the digits denoiser (sample.py --guidance classifier:run=DIR).
 
 The encoder half of the digits DDPM++ net with global pooling and a linear head, trained on every noise level
 of the EDM sampler (ln sigma uniform over 0.002..80). A few minutes on 2 CPU cores:
-    python train.py --config configs/digits_noisy_classifier.py --workdir runs/digits_noisy_classifier
+    python train.py --config configs/classifier/digits_noisy.py --workdir runs/digits_noisy_classifier
 """
 from jaxdiff.config import base_config, locked
 

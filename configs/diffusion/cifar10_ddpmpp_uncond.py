@@ -1,7 +1,7 @@
 """cifar10_ddpmpp_uncond: EDM's unconditional CIFAR-10 DDPM++ (NVlabs/edm `--cond=0 --arch=ddpmpp`; FID 1.97).
 
-Same recipe as configs/cifar10_ddpmpp_cond.py without labels.
-    python train.py --config configs/cifar10_ddpmpp_uncond.py --workdir runs/cifar10_uncond
+Same recipe as configs/diffusion/cifar10_ddpmpp_cond.py without labels.
+    python train.py --config configs/diffusion/cifar10_ddpmpp_uncond.py --workdir runs/cifar10_uncond
 """
 from jaxdiff.config import locked, sibling
 

@@ -2,7 +2,7 @@
 class-conditional with label dropout 0.1 (classifier-free guidance works), a small DDPM++ SongUNet at 8x8.
 
 Trains to recognisable digits on 2 CPU cores in about 6-8 minutes (`make demo`):
-    python train.py --config configs/digits.py --workdir runs/digits
+    python train.py --config configs/diffusion/digits.py --workdir runs/digits
 """
 from jaxdiff.config import base_config, locked
 

@@ -1,9 +1,9 @@
-"""fashion_mnist_noisy_classifier: a noise-conditional classifier p(y | x_sigma, sigma) on Fashion-MNIST at 32x32,
+"""classifier/fashion_mnist_noisy: a noise-conditional classifier p(y | x_sigma, sigma) on Fashion-MNIST at 32x32,
 for classifier guidance of the fashion_mnist denoiser (sample.py --guidance classifier:run=DIR).
 
 The encoder half of the fashion_mnist DDPM++ net with global pooling and a linear head, trained on every noise
 level of the EDM sampler (ln sigma uniform over 0.002..80). Data: Debian's dataset-fashion-mnist idx files.
-    python train.py --config configs/fashion_mnist_noisy_classifier.py --workdir runs/fashion_mnist_noisy_classifier
+    python train.py --config configs/classifier/fashion_mnist_noisy.py --workdir runs/fashion_mnist_noisy_classifier
 """
 from jaxdiff.config import base_config, locked
 

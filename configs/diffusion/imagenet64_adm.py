@@ -4,7 +4,7 @@
 fp16 with loss scaling becomes bfloat16 compute with float32 params (no loss scaling needed). Large: shard params
 and optimizer state with --config.parallel.fsdp=N on big meshes. Data: EDM dataset_tool output (center-crop,
 64x64), unzipped into a folder.
-    python train.py --config configs/imagenet64_adm.py --workdir runs/imagenet64 --config.data.path=datasets/imagenet-64x64
+    python train.py --config configs/diffusion/imagenet64_adm.py --workdir runs/imagenet64 --config.data.path=datasets/imagenet-64x64
 """
 from jaxdiff.config import base_config, locked
 

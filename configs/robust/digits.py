@@ -1,7 +1,7 @@
-"""robust_digits: TRADES on scikit-learn's 8x8 digits (Linf eps 0.1), a tiny WRN; a few minutes on 2 CPU cores.
+"""robust/digits: TRADES on scikit-learn's 8x8 digits (Linf eps 0.1), a tiny WRN; a few minutes on 2 CPU cores.
 
-    python train.py --config configs/robust_digits.py --workdir runs/robust_digits
-With generated digits (sample.py of configs/digits.py's class-conditional denoiser; 70% of every batch):
+    python train.py --config configs/robust/digits.py --workdir runs/robust_digits
+With generated digits (sample.py of configs/diffusion/digits.py's class-conditional denoiser; 70% of every batch):
     ... --config.data.generated=DIR --config.generated_fraction=0.7
 The first 256 of the 1797 digits are held out for best-checkpoint selection by PGD-40. An epoch is
 ceil(1797 / 128) = 15 steps with or without generated data (the reference's epoch: the whole real training set,

@@ -1,8 +1,8 @@
 """cifar10_ncsnpp_uncond: EDM's unconditional CIFAR-10 NCSN++ (NVlabs/edm `--cond=0 --arch=ncsnpp`).
 
 NCSN++ = SongUNet with Fourier noise embedding, channel_mult_noise 2, residual encoder, resample filter
-(1, 3, 3, 1); everything else as configs/cifar10_ddpmpp_uncond.py.
-    python train.py --config configs/cifar10_ncsnpp_uncond.py --workdir runs/cifar10_ncsnpp
+(1, 3, 3, 1); everything else as configs/diffusion/cifar10_ddpmpp_uncond.py.
+    python train.py --config configs/diffusion/cifar10_ncsnpp_uncond.py --workdir runs/cifar10_ncsnpp
 """
 from jaxdiff.config import locked, sibling
 

@@ -2,7 +2,7 @@
 
 Data: Debian's dataset-fashion-mnist idx files (/usr/share/datasets/fashion-mnist; or --config.data.path).
 Label dropout 0.1 trains the unconditional branch for classifier-free guidance. Hours on CPU, minutes on a GPU.
-    python train.py --config configs/fashion_mnist.py --workdir runs/fashion_mnist
+    python train.py --config configs/diffusion/fashion_mnist.py --workdir runs/fashion_mnist
 """
 from jaxdiff.config import base_config, locked
 
