@@ -1,12 +1,14 @@
-"""Every config file: in a family folder whose task it configures, loadable, and every overridden line commented
-(DESIGN.md: configs grouped by family; every config field a one-line comment)."""
+"""Every config file: in a family folder whose task it configures, loadable, every line it sets commented and
+different from its schema's default (DESIGN.md: configs grouped by family, each file sets only what differs)."""
 import glob
 import os
 import re
 
 import pytest
 
-from jaxdiff.config import from_file
+from jaxdiff.config import base_config, from_file
+from jaxdiff.robust.trainer import adversarial_config
+from jaxdiff.watermark.codec_train import base_config as codec_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {'diffusion': 'denoiser', 'classifier': 'noisy_classifier', 'robust': 'adversarial', 'watermark': None}
@@ -28,5 +30,18 @@ def test_config_loads_as_its_family_and_comments_its_fields(path):
     else:
         assert config.get('task', 'denoiser') == task
     with open(path) as f:
-        assignments = [line for line in f if re.match(r'\s+c(\.\w+)+\s*=', line)]
-    assert all('#' in line for line in assignments), [line for line in assignments if '#' not in line]
+        source = f.read()
+    assignments = re.findall(r'^\s+c((?:\.\w+)+)\s*=.*$', source, re.M)
+    lines = [line for line in source.splitlines() if re.match(r'\s+c(\.\w+)+\s*=', line)]
+    assert all('#' in line for line in lines), [line for line in lines if '#' not in line]
+    if 'sibling(' in source:  # derived from another config of the family: it sets what differs from that one
+        return
+    schema = codec_config() if task is None else adversarial_config() if task == 'adversarial' else base_config()
+    same = [key.strip('.') for key in assignments if _get(config, key) == _get(schema, key)]
+    assert not same, f'{path} sets {same} to the schema default; drop those lines'
+
+
+def _get(config, dotted: str):
+    for part in dotted.strip('.').split('.'):
+        config = config[part]
+    return tuple(config) if isinstance(config, list) else config

@@ -11,33 +11,21 @@ from jaxdiff.config import base_config, locked
 def get_config():
     c = base_config()
     c.task = 'noisy_classifier'     # train p(y | x_sigma, sigma), not a denoiser
-    c.seed = 0                      # PRNG seed for init, data order and noise
     c.batch_size = 128              # global batch (1797 images: ~14 steps per epoch)
     c.total_steps = 2_000           # 256 kimg, ~140 epochs (noise makes every epoch new data)
     c.checkpoint_every = 500        # steps between checkpoints
     c.keep_checkpoints = 2          # recent checkpoints kept
-    c.log_every = 100               # steps between progress lines
     c.sample_every = 0              # a classifier draws no samples
-
-    c.data.source = 'digits'        # scikit-learn's digits, embedded
-    c.data.resolution = 0           # native 8x8
-    c.data.use_labels = True        # the labels are the targets
 
     c.model.model_channels = 32     # base width
     c.model.channel_mult = (1, 2)   # 8x8 and 4x4 levels
     c.model.num_blocks = 2          # residual blocks per level
     c.model.attn_resolutions = ()   # no self-attention at this size
     c.model.dropout = 0.1           # dropout probability (1797 images: some regularisation)
-    c.model.label_dropout = 0.0     # never drop the targets
-    c.model.sigma_data = 0.5        # input scaling c_in = 1 / sqrt(sigma^2 + sigma_data^2)
 
     c.loss.augment_p = 0.0          # no augmentation
-    c.loss.sigma_min = 0.002        # lowest training sigma (EDM sampler's)
-    c.loss.sigma_max = 80.0         # highest training sigma (EDM sampler's)
 
-    c.optim.lr = 1e-3               # Adam learning rate after ramp-up
     c.optim.lr_rampup_img = 25_000  # ~200 steps of linear ramp-up
 
     c.ema.halflife_img = 25_000     # EMA half-life (~200 steps at batch 128)
-    c.ema.rampup_ratio = 0.05       # EDM's EMA ramp-up
     return locked(c)

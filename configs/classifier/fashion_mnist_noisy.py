@@ -11,19 +11,13 @@ from jaxdiff.config import base_config, locked
 def get_config():
     c = base_config()
     c.task = 'noisy_classifier'     # train p(y | x_sigma, sigma), not a denoiser
-    c.seed = 0                      # PRNG seed for init, data order and noise
     c.batch_size = 256              # global batch (60k images: ~234 steps per epoch)
     c.total_steps = 20_000          # ~5 Mimg, ~85 epochs
     c.checkpoint_every = 2_000      # steps between checkpoints
-    c.keep_checkpoints = 3          # recent checkpoints kept
-    c.log_every = 100               # steps between progress lines
     c.sample_every = 0              # a classifier draws no samples
 
     c.data.source = 'fashion_mnist'  # idx files (Debian's dataset-fashion-mnist)
-    c.data.path = ''                # '' = /usr/share/datasets/fashion-mnist
-    c.data.split = 'train'          # 60k training images
     c.data.resolution = 32          # 28 -> 32 by zero padding, as the denoiser it guides
-    c.data.use_labels = True        # the labels are the targets
     c.data.xflip = True             # clothes are left-right symmetric: x-flips keep the class
 
     c.model.model_channels = 64     # base width
@@ -31,16 +25,8 @@ def get_config():
     c.model.num_blocks = 2          # residual blocks per level
     c.model.attn_resolutions = (8,)  # self-attention at 8x8
     c.model.dropout = 0.1           # dropout probability
-    c.model.label_dropout = 0.0     # never drop the targets
-    c.model.sigma_data = 0.5        # input scaling c_in = 1 / sqrt(sigma^2 + sigma_data^2)
 
     c.loss.augment_p = 0.0          # no augmentation
-    c.loss.sigma_min = 0.002        # lowest training sigma (EDM sampler's)
-    c.loss.sigma_max = 80.0         # highest training sigma (EDM sampler's)
 
-    c.optim.lr = 1e-3               # Adam learning rate after ramp-up
     c.optim.lr_rampup_img = 500_000  # ~2k steps of ramp-up
-
-    c.ema.halflife_img = 500_000    # EDM's half-life
-    c.ema.rampup_ratio = 0.05       # EDM's EMA ramp-up
     return locked(c)

@@ -9,19 +9,12 @@ from jaxdiff.config import base_config, locked
 
 def get_config():
     c = base_config()
-    c.seed = 0                      # PRNG seed for init, data order, noise and sampling
     c.batch_size = 128              # global batch (1797 images: ~14 steps per epoch)
     c.total_steps = 1_500           # 192 kimg, ~107 epochs
     c.checkpoint_every = 500        # steps between checkpoints
     c.keep_checkpoints = 2          # recent checkpoints kept
-    c.log_every = 100               # steps between progress lines
     c.sample_every = 500            # steps between sample grids
 
-    c.data.source = 'digits'        # scikit-learn's digits, embedded
-    c.data.resolution = 0           # native 8x8
-    c.data.use_labels = True        # class-conditional
-
-    c.model.arch = 'ddpmpp'         # SongUNet, DDPM++ preset
     c.model.model_channels = 32     # base width (EDM CIFAR: 128)
     c.model.channel_mult = (1, 2)   # 8x8 and 4x4 levels
     c.model.num_blocks = 2          # residual blocks per level
@@ -35,9 +28,6 @@ def get_config():
     c.optim.lr_rampup_img = 25_000  # ~200 steps of linear ramp-up
 
     c.ema.halflife_img = 25_000     # EMA half-life (~200 steps at batch 128)
-    c.ema.rampup_ratio = 0.05       # EDM's EMA ramp-up
 
     c.sampling.num_images = 100     # 10 per class: the grid has one column per digit
-    c.sampling.num_steps = 18       # 35 NFE Heun
-    c.sampling.guidance = 1.0       # plain conditional sampling (CFG weight)
     return locked(c)

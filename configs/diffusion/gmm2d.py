@@ -9,8 +9,6 @@ from jaxdiff.config import base_config, locked
 
 def get_config():
     c = base_config()
-    c.seed = 0                      # PRNG seed for init, data order, noise and sampling
-    c.batch_size = 512              # global batch
     c.total_steps = 4_000           # ~2 Mimg (points)
     c.checkpoint_every = 1_000      # steps between checkpoints
     c.keep_checkpoints = 2          # recent checkpoints kept
@@ -18,15 +16,12 @@ def get_config():
     c.sample_every = 1_000          # steps between scatter plots
 
     c.data.source = 'gmm2d'         # 16,384 points drawn once from the ring mixture (jaxdiff.train.toy_data)
-    c.data.resolution = 0           # points are 1x1x2
     c.data.use_labels = False       # unconditional (True: condition on the mode, 8 classes)
 
     c.model.arch = 'mlp'            # jaxdiff.nets.mlp.MLP
-    c.model.precond = 'edm'         # EDM preconditioning and loss
     c.model.model_channels = 256    # hidden width
     c.model.num_blocks = 3          # residual blocks
     c.model.dropout = 0.0           # dropout probability
-    c.model.label_dropout = 0.0     # (used only with use_labels)
     c.model.sigma_data = 2.85       # data std per coordinate: sqrt(4^2 / 2 + 0.3^2)
 
     c.loss.augment_p = 0.0          # no image augmentation for points
@@ -35,9 +30,6 @@ def get_config():
     c.optim.lr_rampup_img = 100_000  # ~200 steps of ramp-up
 
     c.ema.halflife_img = 100_000    # EMA half-life in points
-    c.ema.rampup_ratio = 0.05       # EDM's EMA ramp-up
 
     c.sampling.num_images = 2048    # points in each scatter plot
-    c.sampling.num_steps = 18       # 35 NFE Heun
-    c.sampling.guidance = 1.0       # no guidance
     return locked(c)

@@ -13,39 +13,25 @@ MIMG = 1_000_000
 
 def get_config():
     c = base_config()
-    c.seed = 0                      # PRNG seed for init, data order, noise and sampling
     c.batch_size = 4096             # EDM --batch=4096
     c.total_steps = -(-2500 * MIMG // 4096)  # EDM --duration=2500 (Mimg) = 610,352 steps
     c.checkpoint_every = 2_500      # ~10 Mimg between checkpoints
-    c.keep_checkpoints = 3          # recent checkpoints kept
-    c.log_every = 100               # steps between progress lines
-    c.sample_every = 10_000         # steps between sample grids
 
     c.data.source = 'folder'        # EDM dataset_tool output, unzipped (with dataset.json labels)
     c.data.path = 'datasets/imagenet-64x64'  # folder of 64x64 images
     c.data.resolution = 64          # 64x64
-    c.data.use_labels = True        # EDM --cond=1 (1000 classes)
-    c.data.xflip = False            # EDM --xflip default (off)
 
     c.model.arch = 'adm'            # EDM --arch=adm (DhariwalUNet)
-    c.model.precond = 'edm'         # EDM --precond default
     c.model.model_channels = 192    # ADM width
     c.model.channel_mult = (1, 2, 3, 4)  # ADM levels 64, 32, 16, 8
     c.model.num_blocks = 3          # ADM blocks per level
     c.model.attn_resolutions = (32, 16, 8)  # ADM attention levels
     c.model.dropout = 0.10          # EDM --dropout=0.10
-    c.model.label_dropout = 0.0     # EDM trains without label dropout
     c.model.dtype = 'bfloat16'      # EDM --fp16=1 -> bfloat16 compute, float32 params
 
     c.loss.augment_p = 0.0          # EDM --augment=0
 
     c.optim.lr = 1e-4               # EDM --lr=1e-4 (README training table)
-    c.optim.lr_rampup_img = 10 * MIMG  # EDM lr_rampup_kimg=10000 (default)
 
     c.ema.halflife_img = 50 * MIMG  # EDM --ema=50 (Mimg)
-    c.ema.rampup_ratio = 0.05       # EDM ema_rampup_ratio (default)
-
-    c.sampling.num_images = 64      # grid size
-    c.sampling.num_steps = 18       # grids use the deterministic sampler (EDM's best: 256 steps, S_churn=40)
-    c.sampling.guidance = 1.0       # no CFG (trained without label dropout)
     return locked(c)

@@ -19,32 +19,6 @@ from jaxdiff.robust.trainer import adversarial_config, locked
 def get_config():
     c = adversarial_config()        # every field with its comment; the defaults are this recipe
     c.seed = 1                      # reference --seed 1
-    c.method = 'trades'             # TRADES
-    c.beta = 5.0                    # --beta 5.0
-    c.label_smoothing = 0.1         # --ls 0.1
-    c.norm = 'Linf'                 # linf-pgd
-    c.eps = 8 / 255                 # --attack-eps 8/255
-    c.attack_step = 2 / 255         # --attack-step 2/255
-    c.attack_steps = 10             # --attack-iter 10
-    c.batch_size = 512              # --batch-size 512 (358 generated + 154 real)
-    c.generated_fraction = 0.7      # --unsup-fraction 0.7
-    c.epochs = 400                  # --num-adv-epochs 400 of ceil(50,000 / 512) = 98 steps: 39,200 steps
     c.checkpoint_every = 980        # every 10 epochs (the reference's state-last.pt)
-    c.log_every = 100               # progress line every 100 steps
-    c.data.real.source = 'tfds'     # TFDS array_record
-    c.data.real.tfds_name = 'cifar10'  # CIFAR-10 train split (50,000)
     c.data.generated = 'runs/cifar10_samples/top20'  # 1M filtered EDM samples (override with your folder)
-    c.data.crop_padding = 4         # 'base' augmentation: RandomCrop(32, padding=4)
-    c.data.hflip = True             # and RandomHorizontalFlip
-    c.model.arch = 'wrn'            # wrn-28-10-swish
-    c.model.depth = 28              # WRN-28
-    c.model.width = 10              # -10
-    c.model.activation = 'swish'    # Swish
-    c.model.dataset_stats = 'cifar10'  # the DeepMind WRN standardises with CIFAR-10 mean/std
-    c.optim.lr = 0.2                # --lr 0.2
-    c.optim.weight_decay = 5e-4     # --weight-decay 5e-4
-    c.optim.pct_start = 0.025       # cosinew: OneCycleLR pct_start 0.025, stepped per epoch
-    c.ema.decay = 0.995             # --tau 0.995
-    c.eval.size = 1024              # the reference's validation slice
-    c.eval.attack_steps = 40        # 4 * attack_iter
     return locked(c)

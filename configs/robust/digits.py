@@ -12,14 +12,8 @@ from jaxdiff.robust.trainer import adversarial_config, locked
 
 def get_config():
     c = adversarial_config()        # every field with its comment
-    c.seed = 0                      # PRNG seed
-    c.method = 'trades'             # TRADES
-    c.beta = 5.0                    # KL weight
-    c.label_smoothing = 0.1         # label smoothing of the CE term
-    c.norm = 'Linf'                 # Linf threat model
     c.eps = 0.1                     # radius (pixels in [0, 1]; digits have 17 grey levels)
     c.attack_step = 0.025           # eps / 4
-    c.attack_steps = 10             # PGD-10
     c.batch_size = 128              # global batch
     c.generated_fraction = 0.0      # real only unless data.generated is set
     c.epochs = 40                   # 1797 real digits: ceil(1797 / 128) = 15 steps per epoch, 600 steps
@@ -27,14 +21,10 @@ def get_config():
     c.log_every = 30                # two epochs
     c.data.real.source = 'digits'   # scikit-learn's digits
     c.data.real.tfds_name = ''      # not TFDS
-    c.data.real.split = 'train'     # (digits has one split)
-    c.data.generated = ''           # a sample.py folder of 8x8x1 class-conditional samples ('' = none)
     c.data.crop_padding = 0         # no crops at 8x8
     c.data.hflip = False            # digits are not flip-invariant
-    c.model.arch = 'wrn'            # WideResNet
     c.model.depth = 10              # WRN-10 (one block per group)
     c.model.width = 2               # -2
-    c.model.activation = 'swish'    # Swish
     c.model.dataset_stats = 'digits'  # 1-channel mean/std
     c.optim.lr = 0.1                # peak lr
     c.optim.pct_start = 0.1         # warm-up over the first 10%
@@ -44,5 +34,4 @@ def get_config():
     c.eval.size = 256               # held-out slice
     c.eval.every = 120              # every 8 epochs
     c.eval.batch_size = 256         # one evaluation batch
-    c.eval.attack_steps = 40        # PGD-40
     return locked(c)

@@ -13,14 +13,8 @@ from jaxdiff.robust.trainer import adversarial_config, locked
 
 def get_config():
     c = adversarial_config()        # every field with its comment
-    c.seed = 0                      # PRNG seed
-    c.method = 'trades'             # TRADES
-    c.beta = 5.0                    # KL weight (as CIFAR-10)
-    c.label_smoothing = 0.1         # as CIFAR-10
-    c.norm = 'Linf'                 # Linf threat model
     c.eps = 0.1                     # the common Fashion-MNIST radius
     c.attack_step = 0.025           # eps / 4 (CIFAR-10: 2/255 of 8/255)
-    c.attack_steps = 10             # PGD-10
     c.batch_size = 256              # global batch
     c.generated_fraction = 0.0      # real only unless data.generated is set
     c.epochs = 15                   # of ceil(60,000 / 256) = 235 steps (real set, slice included): 3,525 steps
@@ -28,22 +22,14 @@ def get_config():
     c.log_every = 50                # steps between progress lines
     c.data.real.source = 'fashion_mnist'  # Debian's idx files
     c.data.real.tfds_name = ''      # not TFDS
-    c.data.real.split = 'train'     # 60,000 training images
-    c.data.generated = ''           # a sample.py folder of 28x28x1 class-conditional samples ('' = none)
     c.data.crop_padding = 2         # small random shifts
     c.data.hflip = False            # clothes: flips would be fine, kept off to stay close to the test set
-    c.model.arch = 'wrn'            # WideResNet
     c.model.depth = 16              # WRN-16
     c.model.width = 4               # -4
-    c.model.activation = 'swish'    # Swish
     c.model.dataset_stats = 'fashion_mnist'  # 1-channel mean/std
     c.optim.lr = 0.1                # peak lr (batch 256)
     c.optim.pct_start = 0.1         # longer warm-up for a short run
     c.optim.per_epoch = False       # few epochs: step the schedule every step
-    c.ema.decay = 0.995             # EMA decay
     c.ema.warmup_steps = 100        # EMA copies the params for the first 100 steps
-    c.eval.size = 1024              # held-out slice
     c.eval.every = 500              # steps between PGD-40 evaluations
-    c.eval.batch_size = 512         # evaluation batch
-    c.eval.attack_steps = 40        # PGD-40
     return locked(c)

@@ -9,24 +9,14 @@ from jaxdiff.watermark.codec_train import base_config, locked
 
 def get_config():
     c = base_config()
-    c.seed = 0                      # PRNG seed for init, data order and the random training bits
     c.num_bits = 16                 # bits in the watermark (64 pixels carry them; paper: 64 at 32x32)
-    c.batch_size = 64               # images per step (paper: 64)
     c.lr = 1e-3                     # Adam learning rate (paper: 1e-4; 10x for a run of minutes)
     c.total_steps = 8_000           # optimizer steps (~285 epochs of 28 steps)
-    c.l2_max = 10.0                 # final weight of the image MSE term (paper: 10)
     c.l2_wait = 300                 # steps at l2 = 0 after bit acc first exceeds l2_start_acc (paper: 1000)
     c.l2_ramp = 1_500               # steps of the linear ramp to l2_max (paper: 3000)
-    c.l2_start_acc = 0.9            # batch bit accuracy that starts the wait-then-ramp schedule (paper: 0.9)
     c.log_every = 250               # steps between progress lines
     c.checkpoint_every = 1_000      # steps between checkpoints
 
-    c.data.source = 'digits'        # scikit-learn's digits, embedded
-    c.data.resolution = 0           # native 8x8 (16 upsamples by pixel replication)
-    c.data.use_labels = True        # keep the class labels in the embedded .npz
-
     c.model.encoder_widths = (32, 32, 64, 128)  # U-Net at 8x8: 3 downsamplings (8 -> 1), paper widths
-    c.model.decoder_widths = (32, 32, 64, 64, 64, 128, 128)  # decoder conv widths (paper)
     c.model.decoder_strides = (1, 1, 2, 1, 2, 2, 2)  # paper's with the first stride 1: 8x8 is read at full size
-    c.model.decoder_hidden = 512    # decoder dense width (paper)
     return locked(c)
