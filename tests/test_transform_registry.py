@@ -96,6 +96,8 @@ def test_bad_specs_name_the_problem(tmp_path):
         registry.build('sld', {'concept': 3, 'strength': 2}, ctx)
     with pytest.raises(ValueError, match=r'unsafe=11 must be a class index'):
         registry.build('safe_classifier', {'run': 'r', 'unsafe': 11}, ctx)
+    with pytest.raises(ValueError, match=r'concept=\(3, 4\) must be one class index'):
+        registry.build('sld', {'concept': (3, 4)}, ctx)
     with pytest.raises(ValueError, match='needs tau=SIGMA'):
         registry.build('attribute_switch', {'from': 1, 'to': 2}, ctx)
     with pytest.raises(ValueError, match='class-conditional'):

@@ -60,7 +60,9 @@ def _one_hot(value: int, name: str, ctx: Context) -> jax.Array:
     """(1, label_dim) one-hot row of class ``value`` (broadcast over the batch by the transforms)."""
     if not ctx.label_dim:
         raise ValueError(f'{name} needs a class-conditional model; this one is unconditional')
-    return jax.nn.one_hot(jnp.array(_classes(value, name, ctx.label_dim)[:1]), ctx.label_dim)
+    if not isinstance(value, int):
+        raise ValueError(f'{name}={value!r} must be one class index in 0..{ctx.label_dim - 1}')
+    return jax.nn.one_hot(jnp.array(_classes(value, name, ctx.label_dim)), ctx.label_dim)
 
 
 def _classifier(ctx: Context, run: str) -> LogitsFn:
