@@ -82,7 +82,7 @@ def write_grid(out_dir: str, path: str) -> str:
     from PIL import Image
 
     from jaxdiff.sampling import shards
-    from jaxdiff.train.sample_grid import class_layout, grid_image
+    from jaxdiff.tasks.sample_grid import class_layout, grid_image
     data = shards.read_shard(shards.shard_path(out_dir, 0))
     labels = data['labels'][:100]
     grid = grid_image(*class_layout(data['images'][:100], labels if (labels >= 0).all() else None))
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> None:
     from jaxdiff import parallel
     from jaxdiff.sampling import generate, run, shards
     from jaxdiff.sampling.model import load_model
-    from jaxdiff.train.checkpoint import CheckpointError
+    from jaxdiff.engine.checkpoint import CheckpointError
 
     solver_options = {name: options.parse_value(flag.value) for name, flag in _SOLVER_FLAGS.items()
                       if flag.value is not None}

@@ -1,4 +1,5 @@
-"""Train a diffusion model from a config file; rerun the same command to resume.
+"""Train any task (diffusion model, classifiers, adversarial training ...) from a config file; rerun the same
+command to resume.
 
     python train.py --config configs/diffusion/digits.py --workdir runs/digits [--config.KEY=VALUE ...]
         [--allow_config_change] [--coordinator_address HOST:PORT --num_processes N --process_id I]
@@ -64,8 +65,8 @@ def _unknown_key(text: str, argv: list[str] = ()) -> str:
             key = match.group(1)
             break
     suggestion = f'did you mean {hint.group(1)!r}? ' if hint else ''
-    return (f'unknown config key {key!r}: the config has no such field ({suggestion}every field is listed in '
-            'jaxdiff/config.py)')
+    return (f'unknown config key {key!r}: the config has no such field ({suggestion}every field is listed in its '
+            "task's schema: jaxdiff/config.py for diffusion, jaxdiff/tasks/<task>.py for the others)")
 
 
 def _flag_error(text: str) -> str:
@@ -81,12 +82,12 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     quiet_checkpoint_echoes()
     from jaxdiff import parallel
-    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.engine import checkpoint as ckpt
 
     try:
         parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
-        from jaxdiff.train import loop
-        summary = loop.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
+        from jaxdiff.tasks import registry
+        summary = registry.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ckpt.CheckpointError) as e:
         _fail(str(e), 1)
     import jax

@@ -9,27 +9,35 @@ bit string into every training image. Rerun the same train_codec command to resu
         [--batch_size 32] [--prior N --prior_weight W --prior_source samples|data]
         [--ema_halflife H]
 
-train_codec writes RUN/config.json, dataset_info.json, checkpoint.msgpack, metrics.jsonl. embed reads the data
-config saved in RUN (``--config.data.*`` overrides it) and writes DIR/watermarked.npz (images uint8, labels) and
-DIR/watermarked.json (bits, PSNR and decoded bit accuracy of the uint8 set); its last stdout line is that JSON.
-Train a diffusion model on the set with ``python train.py ... --config.data.source=npz
---config.data.path=DIR/watermarked.npz``. Errors end with one line on stderr and exit code 1 (2 for
-command-line errors).
+train_codec is ``python train.py --config ... --workdir RUN`` (task watermark_codec, jaxdiff.tasks.watermark_codec)
+and writes what every train.py run writes: RUN/checkpoints/<step>/ (orbax: step, params, Adam state, l2 ramp
+counter, data position), config.json, dataset_info.json, metrics.jsonl (loss, bce, mse, bit_acc, psnr, l2), tb/ and
+parameters.txt; a last stdout line ``done: step N, codec in RUN``. embed loads the codec with
+jaxdiff.runs.load_run, reads the data config saved in RUN (``--config.data.*`` overrides it) and writes
+DIR/watermarked.npz (images uint8, labels) and DIR/watermarked.json (bits, PSNR and decoded bit accuracy of the
+uint8 set); its last stdout line is that JSON. Train a diffusion model on the set with ``python train.py ...
+--config.data.source=npz --config.data.path=DIR/watermarked.npz``. Errors end with one line on stderr and exit
+code 1 (2 for command-line errors).
 
 trigger fine-tunes a class-conditional train.py run so a reserved extra class generates a watermark image
-(loss + lam * sum |theta - theta_frozen|, jaxdiff.watermark.trigger) and writes the result as a run directory with
-trigger.json (last stdout line) for sample.py and ``python -m eval.watermark --trigger RUN``.
+(loss + lam * sum |theta - theta_frozen|): the engine task jaxdiff.tasks.trigger with a config built from the flags
+(the same as ``python train.py --config configs/watermark/trigger_digits.py --workdir RUN
+--config.base_run=BASE_RUN``). RUN is a train.py run (checkpoints/, config.json, metrics.jsonl, tb/; rerun the same
+command to resume) and, once finished, holds trigger.json (also the last stdout line), trigger_image.png and
+denoiser/, the fine-tuned model as a denoiser run, which sample.py and ``python -m eval.watermark --trigger RUN``
+read through RUN.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff.cli import fail
+from jaxdiff.cli import fail, quiet_checkpoint_echoes
 
 PROG = 'watermark.py'
 COMMANDS = ('train_codec', 'embed', 'trigger')
@@ -45,7 +53,8 @@ def define_flags(command: str) -> None:
     _F['command'] = command
     if command == 'trigger':
         _F['workdir'] = flags.DEFINE_string('workdir', None, 'The class-conditional train.py run to fine-tune.')
-        _F['out'] = flags.DEFINE_string('out', None, 'New run directory for the fine-tuned model.')
+        _F['out'] = flags.DEFINE_string('out', None, 'Run directory of the fine-tuning (rerun the same command '
+                                        'to resume).')
         _F['image'] = flags.DEFINE_string('image', None, 'Watermark image (PNG/JPEG; default: a frame-and-cross '
                                           'mark at the model resolution).')
         _F['lam'] = flags.DEFINE_float('lam', 1e-4, 'Weight of sum |theta - theta_frozen| (0: no regulariser).')
@@ -67,8 +76,8 @@ def define_flags(command: str) -> None:
         _F['allow'] = flags.DEFINE_bool('allow_config_change', False,
                                         'Resume a run whose saved config.json differs from this config.')
     else:
-        from jaxdiff.watermark.codec_train import base_config, locked
-        _F['config'] = config_flags.DEFINE_config_dict('config', locked(base_config()),
+        from jaxdiff.tasks.watermark_codec import codec_config, locked
+        _F['config'] = config_flags.DEFINE_config_dict('config', locked(codec_config()),
                                                        'Only --config.data.KEY=VALUE overrides (default: the '
                                                        "codec run's data).")
         _F['codec'] = flags.DEFINE_string('codec', None, 'Codec run directory written by train_codec.')
@@ -100,7 +109,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         match = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
         if match:
             _fail(f'unknown config key {match.group(1)[len("config."):]!r}: the config has no such field (every '
-                  'field is listed in jaxdiff/watermark/codec_train.py base_config)', 2)
+                  'field is listed in jaxdiff/tasks/watermark_codec.py codec_config)', 2)
         _fail(text.splitlines()[0] if text else 'bad command line', 2)
     except (KeyError, AttributeError) as e:  # ml_collections: an override names a key the config does not have
         text = str(e.args[0]) if e.args else str(e)
@@ -118,6 +127,9 @@ def parse_flags(argv: list[str]) -> list[str]:
             _fail('--config is required, e.g. --config configs/watermark/digits.py', 2)
         if not _F['workdir'].value:
             _fail('--workdir is required, e.g. --workdir runs/wm_digits', 2)
+        if config.get('task') != 'watermark_codec':
+            _fail(f'--config is a {config.get("task", "denoiser")!r} config: train_codec takes a watermark codec '
+                  'config (configs/watermark/*.py); train other tasks with python train.py', 2)
     else:
         if not _F['codec'].value:
             _fail('--codec is required: the run directory of python watermark.py train_codec', 2)
@@ -131,25 +143,38 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
+def trigger_config():
+    """The trigger task's config (jaxdiff.tasks.trigger) from the trigger flags; paths made absolute so the run
+    resumes from any directory, --ema_halflife (steps) as images."""
+    from jaxdiff.tasks.trigger import trigger_config as schema
+    c = schema()
+    c.base_run = os.path.abspath(_F['workdir'].value)
+    c.image = os.path.abspath(_F['image'].value) if _F['image'].value else ''
+    c.lam, c.total_steps, c.batch_size = _F['lam'].value, _F['steps'].value, _F['batch_size'].value
+    c.prior, c.prior_weight, c.prior_source = _F['prior'].value, _F['prior_weight'].value, _F['prior_source'].value
+    c.optim.lr = _F['lr'].value
+    c.ema.halflife_img = _F['ema_halflife'].value * _F['batch_size'].value
+    c.lock()
+    return c
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override config fields', 2)
     logging.set_verbosity(logging.WARNING)
-    from jaxdiff.train.checkpoint import ConfigMismatchError
+    quiet_checkpoint_echoes()
+    from jaxdiff.engine.checkpoint import CheckpointError  # ConfigMismatchError is a ValueError
     try:
         if _F['command'] == 'trigger':
-            from jaxdiff.watermark.trigger import finetune
-            report = finetune(_F['workdir'].value, _F['out'].value, image_path=_F['image'].value,
-                              lam=_F['lam'].value, steps=_F['steps'].value, lr=_F['lr'].value,
-                              batch_size=_F['batch_size'].value, prior=_F['prior'].value,
-                              prior_weight=_F['prior_weight'].value,
-                              prior_source=_F['prior_source'].value, ema_halflife=_F['ema_halflife'].value,
-                              print_fn=lambda s: print(s, flush=True))
-            print(json.dumps(report), flush=True)
+            from jaxdiff.tasks import registry
+            from jaxdiff.watermark.trigger import TRIGGER_FILE
+            summary = registry.run(trigger_config(), _F['out'].value)
+            if not summary['stopped_by_signal']:
+                with open(os.path.join(_F['out'].value, TRIGGER_FILE)) as f:
+                    print(json.dumps(json.load(f)), flush=True)
         elif _F['command'] == 'train_codec':
-            from jaxdiff.watermark.codec_train import train
-            summary = train(_F['config'].value, _F['workdir'].value, allow_config_change=_F['allow'].value,
-                            print_fn=lambda s: print(s, flush=True))
+            from jaxdiff.tasks import registry
+            summary = registry.run(_F['config'].value, _F['workdir'].value, allow_config_change=_F['allow'].value)
             print(f'done: step {summary["step"]}, codec in {_F["workdir"].value}', flush=True)
         else:
             from jaxdiff.watermark.embed import embed
@@ -160,7 +185,7 @@ def main(argv: list[str]) -> None:
                            data_overrides=overrides, batch_size=_F['batch_size'].value,
                            print_fn=lambda s: print(s, flush=True))
             print(json.dumps(report), flush=True)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ConfigMismatchError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError) as e:
         _fail(str(e), 1)
 
 

@@ -23,10 +23,10 @@ import numpy as np
 from jaxdiff.config import from_file
 from jaxdiff.sampling import generate as gen
 from jaxdiff.sampling import options
-from jaxdiff.train.model import build_net, denoiser_fn
-from jaxdiff.train.sample_grid import sigma_range
+from jaxdiff.nets.from_config import build_net, denoiser_fn
+from jaxdiff.tasks.sample_grid import sigma_range
 from jaxdiff.parallel import make_mesh
-from jaxdiff.train.step import init_sharded_state
+from jaxdiff.tasks.denoiser import init_sharded_state
 from train_throughput import dataset_info
 
 

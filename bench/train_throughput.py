@@ -3,7 +3,7 @@
     python bench/train_throughput.py --config configs/diffusion/cifar10_ddpmpp_cond.py [--batch 512] [--steps 20]
                                      [--dtype bfloat16] [--fsdp 1] [--peak_tflops 989]
 
-Runs the real sharded train step (jaxdiff.train.step.make_train_step) on a synthetic batch of the config's
+Runs the real sharded train step (jaxdiff.tasks.denoiser.make_train_step) on a synthetic batch of the config's
 image shape, so the number measures the model + optimizer + EMA, not the input pipeline. Model FLOPs per
 step come from the step's jaxpr (bench/flops.py); MFU is against the dense bf16 peak of the device
 (see bench/net_step.py's PEAK_BF16) unless --peak_tflops is given. Prints a summary and one JSON line, which
@@ -23,8 +23,8 @@ from flops import count_flops
 from jaxdiff.config import from_file
 from jaxdiff.data import DatasetInfo
 from jaxdiff.parallel import batch_sharding, make_mesh
-from jaxdiff.train.model import build_net
-from jaxdiff.train.step import init_sharded_state, make_train_step
+from jaxdiff.nets.from_config import build_net
+from jaxdiff.tasks.denoiser import init_sharded_state, make_train_step
 from net_step import PEAK_BF16
 
 # Image shape and classes of the datasets the reference configs name (no data is read).

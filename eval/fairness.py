@@ -48,7 +48,7 @@ from typing import Optional, Sequence
 
 from jaxdiff.cli import fail
 from jaxdiff.evaluation.fairness import MIXTURES, Task, digits_task, evaluate, mixture_task, plot, table
-from jaxdiff.metrics.feature_classifier import load_or_train
+from jaxdiff.tasks.feature_classifier import load_or_train
 from jaxdiff.sampling.model import load_model
 
 PROG = 'eval.fairness'

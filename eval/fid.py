@@ -31,7 +31,7 @@ def _fail(message: str, code: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point (see the module docstring)."""
-    from jaxdiff.metrics.features import names
+    from jaxdiff.evaluation.features import names
     ap = argument_parser('eval.fid', __doc__.splitlines()[0])
     ap.add_argument('--samples', required=True, help='sample folder, image folder, .npz, dataset split or noise')
     ap.add_argument('--ref', required=True, help='reference: dataset split, folder, .npz of images or of mu/sigma')

@@ -7,7 +7,7 @@ and certified accuracy of denoised smoothing.
         [--smoothing DIFFUSION_RUN --sigma 0.25 --n0 100 --n 1000 --alpha 0.001 --radii 0,0.25,0.5,0.75,1.0]
         [--batch_size 250] [--seed 0] [--json PATH]
 
-RUN is a ``task='adversarial'`` run of train.py (:mod:`jaxdiff.robust.trainer`): the EMA weights and BatchNorm
+RUN is a ``task='adversarial'`` run of train.py (:mod:`jaxdiff.tasks.adversarial`): the EMA weights and BatchNorm
 statistics of ``RUN/best`` (the checkpoint with the best held-out PGD accuracy), or of the newest checkpoint when
 the run has no best/ (``--checkpoint latest`` forces that). The classifier runs in inference mode on images in
 [0, 1]. --data: ``digits[:train|ref|heldout|all]`` (the splits of
@@ -33,7 +33,7 @@ of --eot purified logits; attacks differentiate through the whole purifier (full
 the randomness fixed per batch. The accuracies the attacks report are judged by that same fixed-randomness
 classifier; ``*_acc_fresh`` re-classify the final adversarial examples with independent randomness.
 
---selection recomputes the run's own keep-best numbers (:func:`jaxdiff.robust.trainer.selection_accuracy`: its
+--selection recomputes the run's own keep-best numbers (:func:`jaxdiff.tasks.adversarial.selection_accuracy`: its
 selection attack, e.g. CW PGD-40, on its held-out slice with its eval key) for the evaluated checkpoint; for
 ``best`` they equal what training recorded in ``RUN/best/best.json`` (both are in the JSON's ``selection``).
 
@@ -51,19 +51,13 @@ command-line errors). The loading and evaluation live in :mod:`jaxdiff.evaluatio
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Callable, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff.cli import argument_parser, fail, json_line, text_table
-from jaxdiff.evaluation.robustness import (AA_STANDARD, DEFAULT_RADII, batch_ranges, evaluate_attacks,
-                                           evaluate_smoothing, parse_attacks, selection)
-from jaxdiff.evaluation.robustness_data import Classifier, fit_data, load_data, load_denoiser
+from jaxdiff.evaluation.robustness import AA_STANDARD, DEFAULT_RADII, evaluate_run, parse_attacks
 
 PROG = 'eval.robustness'
 
@@ -172,64 +166,19 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
     """The evaluation of parsed arguments -> the JSON dict."""
-    clf = Classifier(args.workdir, args.checkpoint)
-    eps = float(clf.config.eps) if args.eps is None else args.eps
-    norm = args.norm or clf.config.norm
-    images, labels = load_data(args.data)
-    if args.num:
-        images, labels = images[:args.num], labels[:args.num]
-    images = fit_data(images, labels, clf.shape, clf.info.num_classes, args.data)
-    key = jax.random.key(args.seed)
-    log(f'{PROG}: {clf.describe()["arch"]} {clf.source} step {clf.step} of {args.workdir}; {len(images)} examples '
-        f'of {args.data}; eps {eps:.4g} {norm}; attacks {args.attacks}')
-    result = dict(workdir=os.path.abspath(args.workdir), model=clf.describe(), data=args.data, n=int(len(images)),
-                  eps=eps, norm=norm, seed=args.seed, defense='none')
-    if args.selection:
-        result['selection'] = selection(clf)
-    smoothing_model = load_denoiser(args.smoothing, clf.shape, '--smoothing') if args.smoothing else None
-    purifier = None
-    variables = clf.variables
-    if args.diffpure:
-        from jaxdiff.robust.diffpure import eot_logits_fn, purified_classifier, vp_time_to_sigma
-        denoiser_of, dvars, desc = load_denoiser(args.diffpure, clf.shape, '--diffpure')
-        variables = dict(clf=clf.variables, den=dvars)
-
-        def classifier_of(v):
-            return purified_classifier(denoiser_of(v['den']), lambda x: clf.apply(v['clf'], x), args.t_star,
-                                       args.diffpure_steps, solver='sde')
-
-        purifier = (lambda v, k: eot_logits_fn(classifier_of(v), jax.random.fold_in(k, 1), args.eot),
-                    lambda v, k: eot_logits_fn(classifier_of(v), jax.random.fold_in(k, 2), args.eot))
-        result['defense'] = f'DiffPure t*={args.t_star}, {args.diffpure_steps} SDE steps, EOT {args.eot}'
-        result['diffpure'] = dict(run=desc, t_star=args.t_star, sigma_star=vp_time_to_sigma(args.t_star),
-                                  num_steps=args.diffpure_steps, solver='sde', eot=args.eot,
-                                  gradient='full backprop through the purifier (EOT mean of logits)')
-    if args.attack_list:
-        net = clf.net
-        result.update(evaluate_attacks(lambda v, x: net.apply(v, x, train=False), variables, images, labels,
-                                       eps=eps, norm=norm, attacks=args.attack_list, batch_size=args.batch_size,
-                                       key=jax.random.fold_in(key, 0), aa_iters=args.aa_iters,
-                                       square_queries=args.square_queries, pgd_step=args.pgd_step,
-                                       num_classes=clf.info.num_classes, purifier=purifier,
-                                       cache_key=('plain', net) if purifier is None else None, log=log))
-    if args.smoothing:
-        denoiser_of, dvars, desc = smoothing_model
-        sm = evaluate_smoothing(clf.apply, clf.variables, denoiser_of, dvars, images, labels, sigma=args.sigma,
-                                n0=args.n0, n=args.n, alpha=args.alpha, radii=args.radii,
-                                batch=args.smoothing_batch, key=jax.random.fold_in(key, 1), log=log)
-        sm['run'] = desc
-        result['smoothing'] = sm
-        if 'clean_acc' not in result:
-            result['clean_acc'] = float(np.mean(np.argmax(np.concatenate([
-                np.asarray(jax.jit(clf.apply)(clf.variables, jnp.asarray(images[lo:hi], jnp.float32) / 255.0))
-                for lo, hi in batch_ranges(len(images), args.batch_size)]), -1) == labels))
-    return result
+    return evaluate_run(args.workdir, checkpoint=args.checkpoint, data=args.data, num=args.num, eps=args.eps,
+                        norm=args.norm, attacks=args.attack_list, pgd_step=args.pgd_step, aa_iters=args.aa_iters,
+                        square_queries=args.square_queries, batch_size=args.batch_size, diffpure=args.diffpure,
+                        t_star=args.t_star, eot=args.eot, diffpure_steps=args.diffpure_steps,
+                        smoothing=args.smoothing, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
+                        radii=args.radii if args.smoothing else DEFAULT_RADII, smoothing_batch=args.smoothing_batch,
+                        seed=args.seed, with_selection=args.selection, log=log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point (see the module docstring)."""
     from jaxdiff.cli import quiet_checkpoint_echoes
-    from jaxdiff.train.checkpoint import CheckpointError
+    from jaxdiff.engine.checkpoint import CheckpointError
     args = parse_args(argv)
     quiet_checkpoint_echoes()
     log = lambda m: print(m, file=sys.stderr, flush=True)

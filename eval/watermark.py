@@ -17,10 +17,10 @@ N(0, std^2) added (one draw per std, seeded), --num_samples class-balanced sampl
 and decoded; ``fd`` is the Fréchet distance of their features (the dataset's feature classifier, digits or
 Fashion-MNIST) to the real ``ref`` split.
 
-Trigger (--trigger RUN: a ``watermark.py trigger`` run): ``trigger_mse`` = mean squared error in [0, 1] of 16
-trigger samples to the watermark image (the base model, which has no trigger class, is asked with its
-unconditional label); ``fd`` of class-balanced samples of the base model's classes from the fine-tuned model and
-from the base model (--base, default the run trigger.json names), and their ratio.
+Trigger (--trigger RUN: a trigger run, ``watermark.py trigger`` or train.py with task=trigger): ``trigger_mse`` =
+mean squared error in [0, 1] of 16 trigger samples to the watermark image (the base model, which has no trigger
+class, is asked with its unconditional label); ``fd`` of class-balanced samples of the base model's classes from
+the fine-tuned model and from the base model (--base, default the run trigger.json names), and their ratio.
 
 Every mode prints a table on stderr and, as the last stdout line, one JSON object (also written to --json).
 Errors end with one ``eval.watermark: error:`` line on stderr and exit code 1 (2 for command-line errors). The
@@ -48,7 +48,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--perturb', action='store_true', help='decode mode: add the image-perturbation rows')
     p.add_argument('--workdir', help='weight-noise mode: the diffusion model run trained on watermarked data')
     p.add_argument('--weight_noise', help='weight-noise mode: comma list of stds, e.g. 0,0.01,0.03,0.1,0.3')
-    p.add_argument('--trigger', help='trigger mode: a run written by python watermark.py trigger')
+    p.add_argument('--trigger', help='trigger mode: a trigger run (python watermark.py trigger or task=trigger)')
     p.add_argument('--base', help='trigger mode: the model before fine-tuning (default: from trigger.json)')
     p.add_argument('--num_samples', type=int, default=None, help='samples per row (weight noise 500, trigger 1000)')
     p.add_argument('--seed', type=int, default=0, help='weight-noise draws and image perturbations')
@@ -78,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point (see the module docstring)."""
-    from jaxdiff.train.checkpoint import CheckpointError
+    from jaxdiff.engine.checkpoint import CheckpointError
     args = parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
     try:
@@ -87,13 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             result = run_trigger(args.trigger, args.base, args.num_samples, log)
             rows, columns = [result], ('trigger_mse', 'base_trigger_mse', 'fd', 'base_fd', 'fd_ratio')
         else:
-            from jaxdiff.watermark.codec_train import read_run
-            bits = read_bits(args.bits, args.embedded, int(read_run(args.decoder)[0].num_bits))
+            from jaxdiff.tasks.watermark_codec import load_codec
+            codec = load_codec(args.decoder)
+            bits = read_bits(args.bits, args.embedded, int(codec.config.num_bits))
             if args.mode == 'decode':
-                result = run_decode(args.decoder, args.samples, bits, args.perturb, args.seed)
+                result = run_decode(codec, args.samples, bits, args.perturb, args.seed)
                 rows, columns = result['rows'], ('perturbation', 'bit_acc', 'all_bits', 'n')
             else:
-                result = run_weight_noise(args.decoder, args.workdir, bits, args.weight_noise, args.num_samples,
+                result = run_weight_noise(codec, args.workdir, bits, args.weight_noise, args.num_samples,
                                           args.seed, log)
                 rows, columns = result['rows'], ('weight_noise', 'bit_acc', 'all_bits', 'fd', 'seconds')
         result['seconds'] = round(time.time() - begin, 1)

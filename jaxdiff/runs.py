@@ -4,10 +4,13 @@
     run = load_run(workdir, use_ema=False, step=2000)
     run = load_run(workdir, checkpoint='best')               # adversarial runs: the keep-best checkpoint (best/)
 
-The task (``config.task``: 'denoiser', 'noisy_classifier' or 'adversarial') picks the network builder and the
-variables' layout: {'params'[, 'buffers']} for the diffusion nets and the noisy classifier, {'params',
-'batch_stats'} for the adversarially trained classifiers (flax BatchNorm). sample.py, the evaluators, guidance
-and fine-tuning load runs through this one function.
+The task (``config.task``: 'denoiser', 'noisy_classifier', 'adversarial' or 'watermark_codec') picks the network
+builder and the variables' layout: {'params'[, 'buffers']} for the diffusion nets and the noisy classifier, {'params',
+'batch_stats'} for the adversarially trained classifiers (flax BatchNorm), {'params'} (no EMA) for the watermark
+codec. sample.py, the evaluators, guidance, fine-tuning and watermark embedding load runs through this one
+function.
+A finished trigger run ('trigger') loads as the denoiser run it exported (``RUN/denoiser``: K + 1 classes, the
+fine-tuned weights).
 """
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ from typing import Any, NamedTuple, Optional
 
 import ml_collections
 
-from jaxdiff.robust.trainer import BEST_DIR
+from jaxdiff.tasks.adversarial import BEST_DIR
 
-TASKS = ('denoiser', 'noisy_classifier', 'adversarial')
+LEGACY_CODEC_FILE = 'checkpoint.msgpack'  # the watermark codec's checkpoint before the engine
+TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger')
+TRIGGER_DENOISER_DIR = 'denoiser'  # a finished trigger run's model as a denoiser run (jaxdiff.tasks.trigger)
 
 
 class Run(NamedTuple):
@@ -46,7 +51,7 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
     checkpoint: 'latest', or 'best' for an adversarial run's keep-best checkpoint (``RUN/best``).
     Raises FileNotFoundError / ValueError / CheckpointError with one-line messages.
     """
-    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.engine import checkpoint as ckpt
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
     config = ml_collections.ConfigDict(ckpt.read_config(workdir))
@@ -55,6 +60,12 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
         raise ValueError(f'{workdir} is a {task!r} run; jaxdiff loads runs of the tasks {", ".join(TASKS)}')
     if checkpoint not in ('latest', 'best'):
         raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'best'")
+    if task == 'trigger':  # a trigger run loads as the denoiser it exported when it finished
+        export = os.path.join(workdir, TRIGGER_DENOISER_DIR)
+        if not os.path.isdir(export):
+            raise FileNotFoundError(f'{workdir} is a trigger run that has not finished (no {TRIGGER_DENOISER_DIR}/ '
+                                    'yet); rerun its command to finish it')
+        return load_run(export, use_ema=use_ema, step=step, checkpoint=checkpoint)
     folder = workdir
     if checkpoint == 'best':
         folder = os.path.join(workdir, BEST_DIR)
@@ -62,15 +73,21 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
             raise FileNotFoundError(f'{workdir} has no best/ checkpoint (adversarial runs keep one once an evaluation '
                                     'ran); use the latest checkpoint (--checkpoint latest)')
     elif not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+        if os.path.isfile(os.path.join(workdir, LEGACY_CODEC_FILE)):
+            raise ValueError(f'{workdir} holds {LEGACY_CODEC_FILE}: a watermark codec written by an older jaxdiff; '
+                             'retrain with python train.py --config configs/watermark/digits.py --workdir NEW_RUN')
         raise ckpt.CheckpointError(f'{workdir} has no checkpoints/ folder; train first or pass another --workdir')
     info = _dataset_info(workdir, config)
     state = ckpt.load_arrays(folder, step)
-    weights = state['ema'] if use_ema else state['params']
-    if task == 'adversarial':
+    weights = state['ema'] if use_ema and 'ema' in state else state['params']  # the codec has no EMA
+    if task == 'watermark_codec':  # its stored params are the codec's variables {'params': ...}
+        from jaxdiff.watermark.codec import codec_from_config
+        net, variables = codec_from_config(config), weights
+    elif task == 'adversarial':
         from jaxdiff.robust import adv_step
         net, variables = adv_step.build_net(config, info), {'params': weights, 'batch_stats': state['buffers']}
     else:
-        from jaxdiff.train.model import build_net
+        from jaxdiff.nets.from_config import build_net
         net, variables = build_net(config, info), {'params': weights}
         if state.get('buffers'):
             variables['buffers'] = state['buffers']
@@ -80,11 +97,11 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
 
 def _dataset_info(workdir: str, config):
     """The run's DatasetInfo: dataset_info.json, or (runs trained before it existed) the dataset read once."""
-    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.engine import checkpoint as ckpt
     info = ckpt.read_dataset_info(workdir)
     if info is not None:
         return info
-    if task_of(config) == 'adversarial':
+    if task_of(config) in ('adversarial', 'watermark_codec'):
         raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}; the run never started training')
-    from jaxdiff.train.loop import make_data
+    from jaxdiff.tasks.denoiser import make_data
     return make_data(config)[1]

@@ -90,17 +90,17 @@ def snapshot(workdir) -> dict:
 
 
 def make_tiny_run(workdir: str, ema_offset: float = 0.0, step: int = 0) -> str:
-    """A train.py-style run directory with one checkpoint of tests/train_tiny_config.py's random-init conditional
+    """A train.py-style run directory with one checkpoint of tests/tiny/denoiser.py's random-init conditional
     net on digits (no training): config.json, dataset_info.json, checkpoints/<step>/. ``ema_offset`` is added to
     every EMA param so EMA and raw params differ."""
     import jax
     import numpy as np
     from jaxdiff.config import from_file
     from jaxdiff.data.sources import DatasetInfo
-    from jaxdiff.train import checkpoint as ckpt
-    from jaxdiff.train.model import build_net
-    from jaxdiff.train.state import init_state
-    config = from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_tiny_config.py'))
+    from jaxdiff.engine import checkpoint as ckpt
+    from jaxdiff.nets.from_config import build_net
+    from jaxdiff.tasks.denoiser import init_state
+    config = from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny', 'denoiser.py'))
     info = DatasetInfo(resolution=8, channels=1, num_classes=10, size=1797)
     state = init_state(config, build_net(config, info), info, jax.random.key(0))
     state = state.replace(ema=jax.tree.map(lambda p: p + ema_offset, state.params), step=np.int32(step))
@@ -116,3 +116,87 @@ def make_tiny_run(workdir: str, ema_offset: float = 0.0, step: int = 0) -> str:
 def run_dir(tmp_path_factory):
     """A tiny run directory (:func:`make_tiny_run`), shared by a test module."""
     return make_tiny_run(str(tmp_path_factory.mktemp('run')))
+
+
+def tiny_config(name: str, base_run: str = ''):
+    """tests/tiny/<name>.py's locked config; a task that fine-tunes a run (trigger) gets ``base_run``."""
+    from jaxdiff.config import from_file
+    config = from_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tiny', f'{name}.py'))
+    if 'base_run' in config:
+        config.unlock()
+        config.base_run = base_run
+        config.lock()
+    return config
+
+
+@pytest.fixture(scope='session')
+def tiny_base_run(tmp_path_factory):
+    """A random-init tiny conditional denoiser run (:func:`make_tiny_run`), the base of fine-tuning tasks."""
+    return make_tiny_run(str(tmp_path_factory.mktemp('tiny_base')))
+
+
+@pytest.fixture(scope='session')
+def tiny_runs(tmp_path_factory, tiny_base_run):
+    """get(name) -> (workdir, summary) of tests/tiny/<name>.py trained once per session by the engine (tests that
+    change a run copy it first)."""
+    from jaxdiff.tasks import registry
+    root, done = tmp_path_factory.mktemp('tiny_runs'), {}
+
+    def get(name: str):
+        if name not in done:
+            workdir = str(root / name)
+            done[name] = workdir, registry.run(tiny_config(name, tiny_base_run), workdir)
+        return done[name]
+    return get
+
+
+# Tests marked `background` need one long computation (the Fashion-MNIST classifier's two epochs: ~2 minutes of
+# arithmetic, no compilation to speak of). The suite is mostly single-threaded XLA compilation, so that computation
+# starts in a one-thread subprocess as soon as the tests are collected, and the marked tests run last, when it is
+# done: the second core does it meanwhile. Each marked test names its job in BACKGROUND_JOBS.
+BACKGROUND_JOBS = {
+    'fashion_mnist_classifier': ('from jaxdiff.tasks.feature_classifier import load_or_train; '
+                                 "load_or_train('fashion_mnist_classifier', cache_dir={folder!r}, log=print)"),
+}
+_BACKGROUND: dict = {}
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'background(job): its long computation runs in a subprocess from the start '
+                                       '(tests/conftest.py BACKGROUND_JOBS); the test runs last')
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import subprocess
+    import sys
+    marked = [item for item in items if item.get_closest_marker('background') and _runs(item)]
+    items[:] = [item for item in items if item not in marked] + marked
+    for item in marked:
+        job = item.get_closest_marker('background').args[0]
+        if job in _BACKGROUND:
+            continue
+        folder = tempfile.mkdtemp(prefix=f'jaxdiff_background_{job}_')
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags() + ' --xla_cpu_multi_thread_eigen=false '
+                   'intra_op_parallelism_threads=1', **_CACHE_ENV)
+        proc = subprocess.Popen([sys.executable, '-c', BACKGROUND_JOBS[job].format(folder=folder)], env=env,
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        atexit.register(lambda p=proc: p.poll() is None and p.kill())
+        _BACKGROUND[job] = proc, folder
+
+
+def _runs(item) -> bool:
+    """Whether no skipif marker of ``item`` holds (a skipped test needs no background job)."""
+    return not any(mark.args and mark.args[0] for mark in item.iter_markers('skipif'))
+
+
+@pytest.fixture
+def background(request):
+    """The folder where the test's background job (its `background` marker) wrote its result, once finished; the
+    job's output is in the assertion message if it failed."""
+    job = request.node.get_closest_marker('background').args[0]
+    proc, folder = _BACKGROUND[job]
+    out, _ = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, out[-3000:]
+    return folder

@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-from jaxdiff.config import base_config, from_file
-from jaxdiff.robust.trainer import adversarial_config
-from jaxdiff.watermark.codec_train import base_config as codec_config
+from jaxdiff.config import from_file
+from jaxdiff.tasks import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {'diffusion': 'denoiser', 'classifier': 'noisy_classifier', 'robust': 'adversarial', 'watermark': None}
+FAMILIES = {'diffusion': 'denoiser', 'classifier': ('noisy_classifier', 'feature_classifier'), 'robust': 'adversarial',
+            'watermark': ('watermark_codec', 'trigger')}
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*', '*.py')))
 
 
@@ -24,11 +24,9 @@ def test_every_config_sits_in_a_family_folder():
 @pytest.mark.parametrize('path', CONFIGS, ids=lambda p: os.path.relpath(p, os.path.join(ROOT, 'configs')))
 def test_config_loads_as_its_family_and_comments_its_fields(path):
     config = from_file(path)
-    task = FAMILIES[os.path.basename(os.path.dirname(path))]
-    if task is None:  # watermark codecs: their own schema (jaxdiff.watermark.codec_train.base_config)
-        assert 'num_bits' in config
-    else:
-        assert config.get('task', 'denoiser') == task
+    family = FAMILIES[os.path.basename(os.path.dirname(path))]
+    task = config.get('task', 'denoiser')
+    assert task in ((family,) if isinstance(family, str) else family)
     with open(path) as f:
         source = f.read()
     assignments = re.findall(r'^\s+c((?:\.\w+)+)\s*=.*$', source, re.M)
@@ -36,7 +34,7 @@ def test_config_loads_as_its_family_and_comments_its_fields(path):
     assert all('#' in line for line in lines), [line for line in lines if '#' not in line]
     if 'sibling(' in source:  # derived from another config of the family: it sets what differs from that one
         return
-    schema = codec_config() if task is None else adversarial_config() if task == 'adversarial' else base_config()
+    schema = registry.get(task).schema()
     same = [key.strip('.') for key in assignments if _get(config, key) == _get(schema, key)]
     assert not same, f'{path} sets {same} to the schema default; drop those lines'
 

@@ -1,6 +1,6 @@
 """python -m eval.robustness: the JSON, AutoAttack <= PGD <= clean, eps = 0, certification rows, one-line errors.
 
-The classifier run is built the way jaxdiff.robust.trainer saves one (config.json, dataset_info.json,
+The classifier run is built the way jaxdiff.tasks.adversarial saves one (config.json, dataset_info.json,
 checkpoints/ and best/ with best.json), with a WRN-10-1 fitted for a few full-batch CE steps on the digits 'train'
 split, so it is far better than chance and the robust accuracies are not all zero.
 """
@@ -31,8 +31,9 @@ def make_run(workdir: str, steps: int = 20) -> None:
     from jaxdiff.config import from_file
     from jaxdiff.data.sources import DatasetInfo
     from jaxdiff.metrics.feature_classifier import dataset_split
-    from jaxdiff.robust import adv_step, trainer
-    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.robust import adv_step
+    from jaxdiff.tasks import adversarial
+    from jaxdiff.engine import checkpoint as ckpt
 
     c = from_file(os.path.join(ROOT, 'configs', 'robust', 'digits.py'))
     c.model.width, c.eps = 1, 0.05
@@ -59,11 +60,11 @@ def make_run(workdir: str, steps: int = 20) -> None:
     os.makedirs(workdir, exist_ok=True)
     ckpt.check_config(workdir, c, False, write=True)
     ckpt.write_dataset_info(workdir, info)
-    for folder in (workdir, os.path.join(workdir, trainer.BEST_DIR)):
+    for folder in (workdir, os.path.join(workdir, adversarial.BEST_DIR)):
         saver = ckpt.Checkpointer(folder, 1, use_async=False)
         saver.save(state, {'process_count': 1, 'states': [{}]}, c)
         saver.close()
-    files.write_json(os.path.join(workdir, trainer.BEST_DIR, trainer.BEST_FILE),
+    files.write_json(os.path.join(workdir, adversarial.BEST_DIR, adversarial.BEST_FILE),
                      dict(step=steps, clean_acc=None, pgd_acc=None))
 
 

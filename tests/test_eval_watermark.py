@@ -12,7 +12,7 @@ import pytest
 
 from eval import watermark as W_cli
 from jaxdiff.evaluation import watermark as W
-from jaxdiff.watermark import codec_train
+from jaxdiff.tasks import watermark_codec as wc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,28 +50,32 @@ def test_weight_noise_has_the_requested_std():
 
 @pytest.fixture(scope='module')
 def codec_run(tmp_path_factory):
-    """A random-init 8-bit digits codec saved as a codec run (decoding needs no training to be checked)."""
-    from jaxdiff.train import checkpoint as ckpt
+    """A random-init 8-bit digits codec saved as a codec run at step 0 with the engine's checkpointer (decoding
+    needs no training to be checked)."""
+    from jaxdiff.data.sources import DatasetInfo
+    from jaxdiff.engine import checkpoint as ckpt
     from jaxdiff.watermark.codec import codec_from_config
     workdir = str(tmp_path_factory.mktemp('codec'))
-    config = codec_train.base_config()
+    config = wc.codec_config()
     config.num_bits = 8
     config.model.encoder_widths = (8, 8, 16, 16)
     config.model.decoder_widths = (8,) * 7
     config.model.decoder_strides = (1, 1, 2, 1, 2, 2, 2)
     config.model.decoder_hidden = 16
-    config = codec_train.locked(config)
+    config = wc.locked(config)
+    info = DatasetInfo(resolution=8, channels=1, num_classes=10, size=1797)
     ckpt.check_config(workdir, config, False)
-    with open(os.path.join(workdir, codec_train.INFO_FILE), 'w') as f:
-        json.dump({'resolution': 8, 'channels': 1, 'size': 1797, 'num_classes': 10}, f)
-    codec_train.save_checkpoint(workdir, codec_train.init_state(config, codec_from_config(config), 8, 1))
+    ckpt.write_dataset_info(workdir, info)
+    saver = ckpt.Checkpointer(workdir, 1, use_async=False)
+    saver.save(wc.init_state(config, codec_from_config(config), info), ckpt.gather_data_states({}), config)
+    saver.close()
     return workdir
 
 
 def test_decode_mode_reads_the_decoders_bits(codec_run, tmp_path, capsys):
     # Images whose decoded bits are known: decode them once, then claim exactly those bits were embedded.
     images = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 1)).astype(np.uint8)
-    logits = W.decode(codec_run)(images)
+    logits = W.decode(wc.load_codec(codec_run))(images)
     bits = (logits[0] > 0).astype(int)
     np.savez(tmp_path / 'set.npz', images=images)
     result = W_cli.main(['--decoder', codec_run, '--samples', str(tmp_path / 'set.npz'), '--perturb',

@@ -1,6 +1,9 @@
-"""Feature classifiers: digits training, the weight cache, input-size handling and the Fashion-MNIST entry."""
+"""Feature classifiers: the engine task feature_classifier (config, data order, resume), the cache of trained runs,
+input-size handling and the Fashion-MNIST entry."""
 import json
 import os
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +11,11 @@ import numpy as np
 import pytest
 
 from jaxdiff.data.sources import FASHION_MNIST_DIR, fit_resolution
+from jaxdiff.engine.checkpoint import load_arrays
+from jaxdiff.engine.log import read_metrics
 from jaxdiff.metrics import feature_classifier as fc
 from jaxdiff.nets.classifier import SmallCNN
+from jaxdiff.tasks import feature_classifier as task
 
 DIGITS = 'digits_classifier'
 FASHION = 'fashion_mnist_classifier'
@@ -24,11 +30,20 @@ class Log(list):
 
 @pytest.fixture(scope='module')
 def digits_cache(tmp_path_factory):
-    """A cache folder holding a digits classifier trained once for this module, and its training log."""
+    """A cache folder holding a digits classifier trained once for this module (next to files of the msgpack cache
+    of earlier versions, which must be ignored), and its training log."""
     folder = tmp_path_factory.mktemp('cache')
+    (folder / 'classifiers').mkdir()
+    for suffix in ('.msgpack', '.json'):
+        (folder / 'classifiers' / (DIGITS + suffix)).write_bytes(b'an earlier version\'s cache')
     log = Log()
-    net = fc.load_or_train(DIGITS, cache_dir=str(folder), log=log)
+    net = task.load_or_train(DIGITS, cache_dir=str(folder), log=log)
     return folder, net, log
+
+
+def params(run) -> list:
+    """The params of a run's newest checkpoint, as a list of numpy arrays."""
+    return jax.tree.leaves(load_arrays(str(run))['params'])
 
 
 def outputs_equal(a, b):
@@ -63,22 +78,60 @@ def test_digits_split_is_fixed_and_disjoint():
 
 def test_unknown_name_lists_known_ones():
     with pytest.raises(ValueError, match='digits_classifier, fashion_mnist_classifier'):
-        fc.load_or_train('cifar_classifier')
+        task.load_or_train('cifar_classifier')
+
+
+def test_config_takes_the_registry_recipe_and_rejects_bad_values():
+    assert task.recipe(task.feature_classifier_config()) == (64, 20, 3e-3)
+    fashion = task.classifier_config(FASHION)
+    assert (fashion.batch_size, fashion.epochs, fashion.optim.lr) == (128, 2, 3e-3)  # written out, not 0
+    custom = task.feature_classifier_config()
+    custom.classifier, custom.epochs = FASHION, 1
+    assert task.recipe(custom) == (128, 1, 3e-3)
+    custom.epochs = -1
+    with pytest.raises(ValueError, match=r'config.epochs=-1 must be >= 0'):
+        task.check(custom)
+    custom.epochs, custom.classifier = 1, 'cifar_classifier'
+    with pytest.raises(ValueError, match='digits_classifier, fashion_mnist_classifier'):
+        task.check(custom)
+    custom.classifier, custom.learning_rate = FASHION, 1e-3  # a misplaced field (the lr is optim.lr)
+    with pytest.raises(ValueError, match=r"field\(s\) \['learning_rate'\]"):
+        task.check(custom)
+
+
+def test_batches_follow_the_seeded_epoch_permutations(monkeypatch):
+    images, labels = fc.dataset_split(DIGITS, 'train')
+    data = task.EpochBatches(images, labels, 64, 0, 'fingerprint')
+    rng = np.random.default_rng(0)  # the replaced loop: a fresh permutation per epoch, the remainder dropped
+    expected = [order[i * 64:(i + 1) * 64] for order in (rng.permutation(1078) for _ in range(3)) for i in range(16)]
+    for step in (40, 0, 17, 16, 47):  # any order of access (a resumed run starts anywhere)
+        np.testing.assert_array_equal(data.batch(step)['label'], labels[expected[step]])
+        np.testing.assert_array_equal(data.batch(step)['image'], images[expected[step]])
+    monkeypatch.setattr(jax, 'process_count', lambda: 2)
+    monkeypatch.setattr(jax, 'process_index', lambda: 1)
+    second = task.EpochBatches(images, labels, 64, 0, 'fingerprint').batch(17)  # process 1 of 2: rows 32..63
+    np.testing.assert_array_equal(second['label'], labels[expected[17][32:]])
+    assert data.set_state(data.get_state()) == '' and 'warning' in data.set_state({'data_fingerprint': 'other'})
 
 
 def test_digits_trains_caches_and_reloads(digits_cache, monkeypatch):
     folder, net, log = digits_cache
     assert net.accuracy >= 0.95
     assert any('training it' in line for line in log)
-    weights = folder / 'classifiers' / f'{DIGITS}.msgpack'
-    sidecar = json.loads((folder / 'classifiers' / f'{DIGITS}.json').read_text())
-    assert weights.is_file() and sidecar['accuracy'] == net.accuracy and sidecar['seed'] == 0
-    assert sidecar['data_fingerprint'] and sidecar['jaxdiff_version']
-    assert not [name for name in os.listdir(folder / 'classifiers') if name.endswith('.tmp')]
+    assert any(line.startswith('step 320/320') for line in log)  # the engine's progress lines go to log
+    run = folder / 'classifiers' / DIGITS
+    record = json.loads((run / 'classifier.json').read_text())
+    assert (run / 'checkpoints' / '320').is_dir() and (run / 'config.json').is_file()
+    assert record['accuracy'] == net.accuracy and record['seed'] == 0 and record['step'] == 320
+    assert record['data_fingerprint'] and record['jaxdiff_version']
+    assert read_metrics(str(run / 'metrics.jsonl'))[-1]['heldout_accuracy'] == pytest.approx(net.accuracy, rel=1e-6)
+    assert not [name for _, _, names in os.walk(run) for name in names if '.tmp' in name]
+    # the earlier versions' msgpack cache is neither read nor touched
+    assert (folder / 'classifiers' / f'{DIGITS}.msgpack').read_bytes() == b"an earlier version's cache"
     # $JAXDIFF_CACHE is the default cache folder; the second call loads without training.
     monkeypatch.setenv('JAXDIFF_CACHE', str(folder))
     again_log = Log()
-    again = fc.load_or_train(DIGITS, log=again_log)
+    again = task.load_or_train(DIGITS, log=again_log)
     assert again_log == [] and again.accuracy == net.accuracy
     images = fc.dataset_split(DIGITS, 'heldout')[0][:16]
     assert outputs_equal(net.apply(images), again.apply(images))
@@ -86,21 +139,42 @@ def test_digits_trains_caches_and_reloads(digits_cache, monkeypatch):
 
 def test_corrupt_cache_is_retrained(digits_cache, tmp_path):
     folder, net, _ = digits_cache
-    classifiers = tmp_path / 'classifiers'
-    classifiers.mkdir()
-    for suffix in ('.msgpack', '.json'):
-        name = DIGITS + suffix
-        (classifiers / name).write_bytes((folder / 'classifiers' / name).read_bytes())
-    (classifiers / f'{DIGITS}.msgpack').write_bytes(b'\x93not really msgpack')
+    original, copy = folder / 'classifiers' / DIGITS, tmp_path / 'classifiers' / DIGITS
+    shutil.copytree(original, copy)
+    for path in (copy / 'checkpoints' / '320' / 'state').rglob('*'):
+        if path.is_file() and path.stat().st_size > 1000:  # the stored arrays
+            path.write_bytes(b'\x93not really an array' * 64)
     log = Log()
-    retrained = fc.load_or_train(DIGITS, cache_dir=str(tmp_path), log=log)
+    retrained = task.load_or_train(DIGITS, cache_dir=str(tmp_path), log=log)
     assert any(line.startswith('warning:') and 'unusable' in line for line in log)
     # Same recipe and seed, so the retrained weights reproduce the original outputs exactly (determinism).
     images = fc.dataset_split(DIGITS, 'heldout')[0][:16]
     assert outputs_equal(net.apply(images), retrained.apply(images))
-    original = (folder / 'classifiers' / f'{DIGITS}.msgpack').read_bytes()
-    assert (classifiers / f'{DIGITS}.msgpack').read_bytes() == original
-    assert fc.load_or_train(DIGITS, cache_dir=str(tmp_path), log=Log()).accuracy == net.accuracy
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(params(original), params(copy)))
+    assert task.load_or_train(DIGITS, cache_dir=str(tmp_path), log=Log()).accuracy == net.accuracy
+
+
+def test_interrupted_training_resumes_to_the_same_weights(digits_cache, tmp_path, monkeypatch):
+    folder, net, _ = digits_cache
+    batch = task.EpochBatches.batch
+
+    def sigterm_at_step_100(self, step):
+        if step == 100:
+            signal.raise_signal(signal.SIGTERM)  # the engine saves the step it is on and stops
+        return batch(self, step)
+
+    monkeypatch.setattr(task.EpochBatches, 'batch', sigterm_at_step_100)
+    with pytest.raises(RuntimeError, match='stopped by a signal at step 101'):
+        task.load_or_train(DIGITS, cache_dir=str(tmp_path), log=Log())
+    monkeypatch.setattr(task.EpochBatches, 'batch', batch)
+    run = tmp_path / 'classifiers' / DIGITS
+    assert not (run / 'classifier.json').exists()
+    log = Log()
+    resumed = task.load_or_train(DIGITS, cache_dir=str(tmp_path), log=log)
+    assert any('resuming its interrupted training' in line for line in log)
+    assert 'resuming from step 101' in log
+    assert resumed.accuracy == net.accuracy
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(params(folder / 'classifiers' / DIGITS), params(run)))
 
 
 def test_padded_and_upsampled_inputs_match_native(digits_cache):
@@ -155,8 +229,12 @@ def test_fashion_mnist_splits():
 
 
 @pytest.mark.slow
+@pytest.mark.background('fashion_mnist_classifier')
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
-def test_fashion_mnist_classifier_trains_to_about_90_percent(tmp_path):
-    # About 1.5 minutes on 2 CPU cores (2 epochs over 60k images).
-    net = fc.load_or_train(FASHION, cache_dir=str(tmp_path), log=Log())
+def test_fashion_mnist_classifier_trains_to_about_90_percent(background):
+    # Two epochs over 60k images: ~2 minutes on one core, trained by the suite's background job (tests/conftest.py)
+    # with load_or_train into the `background` folder while the other tests run; here the cache is read back.
+    log = Log()
+    net = task.load_or_train(FASHION, cache_dir=background, log=log)
+    assert not any('training' in line for line in log), log  # the background job's run, not a new one
     assert net.accuracy >= 0.89

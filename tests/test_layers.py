@@ -79,7 +79,7 @@ def test_the_graph_sees_top_level_and_function_level_imports():
     graph = import_graph()
     assert 'jaxdiff.transforms.base' in graph['jaxdiff.transforms.cfg']           # from a import b (module)
     assert 'jaxdiff.transforms.registry' in graph['jaxdiff.sampling.options']    # from pkg import submodule
-    assert 'jaxdiff.robust.trainer' in graph['jaxdiff.train.loop']               # inside a function
+    assert 'jaxdiff.data.augment' in graph['jaxdiff.tasks.denoiser']        # inside a function
     assert find_cycle({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': set()}) == ['a', 'b', 'c', 'a']
     assert find_cycle({'a': {'b', 'c'}, 'b': {'c'}, 'c': set()}) == []
 
@@ -87,3 +87,27 @@ def test_the_graph_sees_top_level_and_function_level_imports():
 def test_jaxdiff_imports_form_no_cycle():
     cycle = find_cycle(import_graph())
     assert not cycle, 'import cycle: ' + ' -> '.join(cycle)
+
+
+# DESIGN.md: core <- solvers/transforms/nets/data <- engine <- tasks <- sampling/evaluation <- CLIs.
+_TRAINING_AND_UP = ('jaxdiff.engine', 'jaxdiff.tasks', 'jaxdiff.runs', 'jaxdiff.sampling', 'jaxdiff.evaluation')
+ABOVE = {
+    **{core: _TRAINING_AND_UP for core in ('jaxdiff.nets', 'jaxdiff.data', 'jaxdiff.transforms', 'jaxdiff.solvers',
+                                           'jaxdiff.metrics')},
+    'jaxdiff.engine': ('jaxdiff.tasks', 'jaxdiff.runs', 'jaxdiff.sampling', 'jaxdiff.evaluation'),
+    'jaxdiff.tasks': ('jaxdiff.sampling', 'jaxdiff.evaluation'),
+}
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a -> b' for every import of a module from a layer above a's (:data:`ABOVE`)."""
+    def within(name: str, package: str) -> bool:
+        return name == package or name.startswith(package + '.')
+    return sorted(f'{module} -> {target}' for module, targets in graph.items() for layer, above in ABOVE.items()
+                  if within(module, layer) for target in targets if any(within(target, a) for a in above))
+
+
+def test_imports_go_down_the_layers():
+    assert upward_imports({'jaxdiff.engine.loop': {'jaxdiff.tasks.denoiser'}}) == \
+        ['jaxdiff.engine.loop -> jaxdiff.tasks.denoiser']
+    assert upward_imports(import_graph()) == []

@@ -19,8 +19,9 @@ from jaxdiff.sampling import options
 from jaxdiff.sampling.model import noisy_classifier_log_prob
 from jaxdiff.solvers import edm_sampler
 from jaxdiff.transforms.classifier import classifier_guidance
-from jaxdiff.train import build_net, init_sharded_state, make_train_step
-from jaxdiff.train.loop import make_data
+from jaxdiff.nets.from_config import build_net
+from jaxdiff.tasks.denoiser import init_sharded_state, make_data, make_train_step
+from jaxdiff.tasks.noisy_classifier import classifier_loss
 from test_train_cli import assert_one_line_error
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +55,7 @@ def trained():
     net = build_net(config, info)
     key = jax.random.key(0)
     state = init_sharded_state(config, net, info, key, mesh, compiler_options=FAST)
-    step = make_train_step(config, net, mesh, compiler_options=FAST)
+    step = make_train_step(config, net, mesh, compiler_options=FAST, loss_fn=classifier_loss)
     losses = []
     for _ in range(STEPS):
         state, metrics = step(state, parallel.host_to_global(next(iterator), mesh), key)
@@ -121,14 +122,12 @@ def train(env, workdir, *extra):
                           timeout=300)
 
 
-def test_cli_trains_resumes_and_feeds_guidance(env, tmp_path):
-    first = train(env, tmp_path, '--config.total_steps=2')
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert 'NoisyClassifier on digits' in first.stdout + first.stderr
-    second = train(env, tmp_path, '--config.total_steps=4', '--allow_config_change')
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert 'resuming from step 2' in second.stdout + second.stderr
-    assert not os.path.exists(tmp_path / 'samples')
+def test_trained_run_feeds_guidance(tiny_runs):
+    """The session's tiny noisy-classifier run (trained by the engine; its resume is tested in test_tasks.py) as
+    sample.py's classifier guidance."""
+    workdir, summary = tiny_runs('noisy_classifier')
+    assert summary['step'] == 20 and not os.path.exists(os.path.join(workdir, 'samples'))
+    tmp_path = workdir
     log_prob = noisy_classifier_log_prob(str(tmp_path))
     x = jnp.zeros((3, 8, 8, 1))
     out = log_prob(x, jnp.float32(0.5), jax.nn.one_hot(jnp.arange(3), 10))

@@ -76,10 +76,11 @@ def test_initialize_single_process_is_noop_and_partial_args_fail(monkeypatch):
 
 
 def _eight_device_main(out_path):
-    """Subprocess body: the tiny run on meshes (data 8), (data 4, fsdp 2), (fsdp 8); params, EMA, specs saved."""
+    """Subprocess body: the tiny run on meshes (data 4, fsdp 2) and (fsdp 8); params, EMA, specs saved. (Data
+    parallelism alone, (data 8), is every task's 8-device run in test_tasks.py.)"""
     assert jax.device_count() == 8, jax.devices()
     specs = {}
-    for fsdp in (1, 2, 8):
+    for fsdp in (2, 8):
         run = run_steps(tiny_config(SMALL), parallel.make_mesh(fsdp), batches())
         state = run['state']
         specs[fsdp] = sorted({str(x.sharding.spec) for x in jax.tree.leaves(state.params)})
@@ -102,12 +103,11 @@ def test_eight_devices_match_one_device(tmp_path):
     assert proc.returncode == 0, log[-3000:]
     want = dict({'params' + k: v for k, v in flat(one['state'].params).items()},
                 **{'ema' + k: v for k, v in flat(one['state'].ema).items()})
-    for fsdp in (1, 2, 8):
+    for fsdp in (2, 8):
         got = np.load(f'{out}.fsdp{fsdp}.npz')
         np.testing.assert_allclose(got['losses'], [m['loss'] for m in one['metrics']], rtol=1e-5)
         diff = max(float(np.max(np.abs(got[k] - v))) for k, v in want.items())
         print(f'fsdp={fsdp}: max |param or ema diff| vs 1 device = {diff:.3g}')
         assert diff < 1e-5
     specs = json.loads(out.read_text())
-    assert specs['1'] == [str(P())]
     assert str(P(None, None, None, 'fsdp')) in specs['8'] and str(P(None, None, None, 'fsdp')) in specs['2']

@@ -15,7 +15,7 @@ from PIL import Image
 
 from eval import report as report_cli
 from jaxdiff.evaluation import html, report
-from jaxdiff.train import metrics_log
+from jaxdiff.engine import log as logs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -24,13 +24,13 @@ IMG_SRC = re.compile(r'<img[^>]*src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 def log_intervals(workdir, intervals, start=None):
-    """Drive a MetricsLogger: for each (step, loss) record one step's fake scalars and write the interval."""
-    logger = metrics_log.MetricsLogger(str(workdir), total_steps=1000, batch_size=8, stream=io.StringIO())
+    """Drive a MetricsLogger: for each (step, loss) write one interval of fake scalars."""
+    logger = logs.MetricsLogger(str(workdir), total_steps=1000, batch_size=8, stream=io.StringIO())
     if start is not None:
         logger.start_interval(start)
     for step, loss in intervals:
-        logger.record({'loss': np.float32(loss), 'grad_norm': np.float32(0.5), 'lr': np.float32(1e-3)})
-        logger.write(step, nonfinite_total=0)
+        logger.write(step, {'loss': np.float32(loss), 'grad_norm': np.float32(0.5), 'lr': np.float32(1e-3),
+                            'nonfinite': 0})
     logger.close()
 
 
@@ -110,7 +110,7 @@ def test_metrics_jsonl_lines_and_resume(run):
     assert lines[3]['img_per_s'] is None  # no timed interval yet after the restart: NaN is written as null
     assert before - 600 < lines[-1]['time'] <= time.time()
 
-    rows = metrics_log.read_metrics(str(path))
+    rows = logs.read_metrics(str(path))
     assert [r['step'] for r in rows] == [100, 200, 300, 400, 500, 600]
     assert rows[2]['loss'] == pytest.approx(0.35)  # the resumed run's row for step 300 wins
 
@@ -118,13 +118,12 @@ def test_metrics_jsonl_lines_and_resume(run):
 def test_read_metrics_skips_a_cut_line(tmp_path):
     path = tmp_path / 'metrics.jsonl'
     path.write_text('{"step": 1, "loss": 0.5}\nnot json\n[1, 2]\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')
-    assert [r['step'] for r in metrics_log.read_metrics(str(path))] == [1, 2]
+    assert [r['step'] for r in logs.read_metrics(str(path))] == [1, 2]
 
 
 def test_silent_logger_writes_no_file(tmp_path):
-    logger = metrics_log.MetricsLogger(str(tmp_path), 10, 2, enabled=False)
-    logger.record({'loss': 1.0, 'grad_norm': 1.0, 'lr': 1.0})
-    logger.write(1, 0)
+    logger = logs.MetricsLogger(str(tmp_path), 10, 2, enabled=False)
+    logger.write(1, {'loss': 1.0, 'grad_norm': 1.0, 'lr': 1.0, 'nonfinite': 0})
     logger.close()
     assert not (tmp_path / 'metrics.jsonl').exists()
 

@@ -1,4 +1,4 @@
-"""Adversarial training (jaxdiff.robust.trainer / adv_step / mixed_data): schedule, mixed batches, TRADES and PGD-AT
+"""Adversarial training (jaxdiff.tasks.adversarial / robust.adv_step / mixed_data): schedule, mixed batches, TRADES and PGD-AT
 steps, the train.py run with checkpoints, resume and metrics, and its one-line errors."""
 import json
 import math
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jaxdiff.robust import adv_step, mixed_data, trainer
+from jaxdiff.robust import adv_step, mixed_data
+from jaxdiff.tasks import adversarial
 from jaxdiff.robust.pgd import pgd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,7 +41,7 @@ def test_one_cycle_matches_torch_formula():
             np.testing.assert_allclose(float(mom), want_m, rtol=1e-6)
     assert abs(float(adv_step.one_cycle(0, 400, 0.2, 0.025)[0]) - 0.2 / 25) < 1e-8
     assert abs(float(adv_step.one_cycle(9, 400, 0.2, 0.025)[0]) - 0.2) < 1e-7  # peak at epoch 10
-    c = trainer.adversarial_config()
+    c = adversarial.adversarial_config()
     c.epochs, c.optim.per_epoch = 10, True  # the reference steps the schedule once per epoch
     lrs = [float(adv_step.schedule(c, 7, 70, s)[0]) for s in range(14)]
     assert len(set(lrs[:7])) == 1 and len(set(lrs[7:])) == 1 and lrs[0] != lrs[7]
@@ -112,7 +113,7 @@ def test_epoch_is_the_references_on_cifar10_config():
     batches = mixed_data.MixedBatches(data, B, c.generated_fraction, c.seed)
     assert (batches.n_real, batches.n_gen) == (154, 358)
     assert mixed_data.real_train_size(data) == n_cifar
-    lengths = trainer.run_lengths(c, mixed_data.real_train_size(data))
+    lengths = adversarial.run_lengths(c, mixed_data.real_train_size(data))
     assert batches.steps_per_epoch == lengths['steps_per_epoch'] == ref_spe == 98
     assert lengths['total_steps'] == ref_total == 39_200
     assert lengths['ema_warmup_steps'] == ref_ema_first
@@ -139,7 +140,7 @@ class Linear(nn.Module):
 
 
 def _config(**overrides):
-    c = trainer.adversarial_config()
+    c = adversarial.adversarial_config()
     c.eps, c.attack_step, c.attack_steps = 0.1, 0.03, 3
     c.data.crop_padding, c.data.hflip = 0, False
     c.optim.per_epoch, c.optim.cycle_momentum = False, False
@@ -242,20 +243,19 @@ def _tiny_digits(tmp_path, **overrides):
     return c
 
 
-def test_run_checkpoints_resumes_and_logs(tmp_path):
-    import shutil
-    from jaxdiff.train import checkpoint as ckpt
-    from jaxdiff.train import loop
-    from jaxdiff.train.metrics_log import read_metrics
+def test_run_checkpoints_and_logs(tmp_path):
+    from jaxdiff.engine import checkpoint as ckpt
+    from jaxdiff.tasks import registry
+    from jaxdiff.engine.log import read_metrics
     c = _tiny_digits(tmp_path)
-    out = loop.run(c, str(tmp_path / 'a'))  # dispatched on task='adversarial'
+    out = registry.run(c, str(tmp_path / 'a'))  # dispatched on task='adversarial'
     assert out['step'] == 4 and out['resumed_from'] is None
     assert ckpt.Checkpointer(str(tmp_path / 'a'), 2).steps() == [2, 4]
     rows = read_metrics(str(tmp_path / 'a' / 'metrics.jsonl'))
     assert [r['step'] for r in rows] == [1, 2, 3, 4]
     assert all(0 <= r['clean_acc'] <= 1 and 0 <= r['adv_acc'] <= 1 and r['loss'] > 0 for r in rows)
     assert 'eval_pgd_acc' in rows[1] and 'eval_pgd_acc' in rows[3]
-    best = trainer.read_best(str(tmp_path / 'a'))
+    best = adversarial.read_best(str(tmp_path / 'a'))
     assert best['step'] in (2, 4) and best['pgd_acc'] == max(rows[1]['eval_pgd_acc'], rows[3]['eval_pgd_acc'])
     assert ckpt.load_arrays(str(tmp_path / 'a' / 'best'))['step'] == best['step']
     # eval.robustness --selection recomputes the keep-best numbers from best/ (same evaluator, key and slice).
@@ -264,28 +264,22 @@ def test_run_checkpoints_resumes_and_logs(tmp_path):
                   log=lambda _: None)['selection']
     assert (sel['clean_acc'], sel['pgd_acc'], sel['eval_size']) == (best['clean_acc'], best['pgd_acc'], 32)
     assert sel['recorded'] == best
-    # resume = uninterrupted: drop the last checkpoint (as if killed after step 2), rerun, compare
-    shutil.copytree(tmp_path / 'a', tmp_path / 'b')
-    shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '4')
-    resumed = loop.run(c, str(tmp_path / 'b'))
-    assert resumed['resumed_from'] == 2 and resumed['step'] == 4
-    assert resumed['checksum'] == out['checksum']
-    assert [r['step'] for r in read_metrics(str(tmp_path / 'b' / 'metrics.jsonl'))] == [1, 2, 3, 4]
+    # Resume after a crash (bitwise) is tested for every task in tests/test_tasks.py.
 
 
 def test_one_line_errors(tmp_path):
-    from jaxdiff.train import loop
+    from jaxdiff.tasks import registry
     c = _tiny_digits(tmp_path)
     c.data.generated = str(tmp_path / 'nowhere')
     with pytest.raises(FileNotFoundError, match='data.generated=.*nowhere.*sample.py'):
-        loop.run(c, str(tmp_path / 'w'))
+        registry.run(c, str(tmp_path / 'w'))
     c.unlock()
     c.data.generated = ''
     with pytest.raises(ValueError, match='data.generated is empty'):
-        loop.run(c, str(tmp_path / 'w'))
+        registry.run(c, str(tmp_path / 'w'))
     c.task = 'bogus'
-    with pytest.raises(ValueError, match=r"config.task='bogus' is not supported: use one of .*adversarial"):
-        loop.run(c, str(tmp_path / 'w'))
+    with pytest.raises(ValueError, match=r"config.task='bogus' is not a task: use one of .*adversarial"):
+        registry.run(c, str(tmp_path / 'w'))
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """Watermark codec (Zhao et al. 2023): shapes at the three data resolutions, the l2 ramp, the metrics, a short
-digits training run (bits learnt, resume), embedding a dataset and the CLI's one-line errors."""
+digits training run by the engine (bits learnt; bitwise resume and 8 devices == 1 are tests/test_tasks.py's, on
+tests/tiny/watermark_codec.py), the NaN stop, embedding a dataset, old runs refused, and the CLI's one-line
+errors."""
 import json
 import os
 import subprocess
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 
 from jaxdiff.config import from_file
+from jaxdiff.engine import checkpoint as ckpt
+from jaxdiff.tasks import registry
+from jaxdiff.tasks import watermark_codec as wc
 from jaxdiff.watermark import bits as bitlib
-from jaxdiff.watermark import codec_train
 from jaxdiff.watermark.codec import WatermarkCodec, bitmap_side, unet_levels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,8 +46,8 @@ def test_l2_ramp_state_machine():
     accuracies = [0.5, 0.9, 0.95, 0.3, 0.2, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]
     since, weights, counters = -1, [], []
     for acc in accuracies:  # weight used in a step comes from the counter before it; the step's accuracy updates it
-        weights.append(codec_train.l2_weight(since, l2_max, wait, ramp))
-        since = codec_train.update_ramp(since, acc, start)
+        weights.append(wc.l2_weight(since, l2_max, wait, ramp))
+        since = wc.update_ramp(since, acc, start)
         counters.append(since)
     # 0.9 is not > 0.9; 0.95 starts the counter; later low accuracies do not stop it
     assert counters == [-1, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8]
@@ -51,8 +55,8 @@ def test_l2_ramp_state_machine():
     # the traced versions (used inside the jitted step) agree
     since = jnp.int32(-1)
     for acc, want_w, want_c in zip(accuracies, weights, counters):
-        assert float(codec_train.l2_weight(since, l2_max, wait, ramp)) == pytest.approx(want_w)
-        since = codec_train.update_ramp(since, jnp.float32(acc), start)
+        assert float(wc.l2_weight(since, l2_max, wait, ramp)) == pytest.approx(want_w)
+        since = wc.update_ramp(since, jnp.float32(acc), start)
         assert int(since) == want_c
 
 
@@ -80,57 +84,39 @@ def test_bit_strings():
             bitlib.parse_bits(bad, 4)
 
 
-def tiny_config(**overrides):
-    config = from_file(os.path.join(ROOT, 'configs', 'watermark', 'digits.py'))
-    config.unlock()
-    config.num_bits = 8
-    config.total_steps = 240
-    config.log_every = 60
-    config.checkpoint_every = 120
-    config.l2_wait, config.l2_ramp = 40, 80
-    config.model.encoder_widths = (16, 16, 32, 32)
-    config.model.decoder_widths = (16, 16, 32, 32, 32, 64, 64)
-    config.model.decoder_hidden = 128
-    for key, value in overrides.items():
-        config[key] = value
-    return config
+# configs/watermark/digits.py shrunk to a codec that learns its 8 bits in 240 steps
+SMALL = {'num_bits': 8, 'total_steps': 240, 'log_every': 60, 'checkpoint_every': 120, 'l2_wait': 40, 'l2_ramp': 80,
+         'model.encoder_widths': (16, 16, 32, 32), 'model.decoder_widths': (16, 16, 32, 32, 32, 64, 64),
+         'model.decoder_hidden': 128}
 
 
 @pytest.fixture(scope='module')
-def trained_run(tmp_path_factory):
-    """A tiny digits codec trained in two calls (the second resumes from the first's checkpoint)."""
+def trained_run(tmp_path_factory, env):
+    """The small digits codec trained by ``watermark.py train_codec`` (the engine's run); (workdir, stdout lines)."""
     workdir = str(tmp_path_factory.mktemp('codec'))
-    lines = []
-    first = codec_train.train(tiny_config(), workdir, print_fn=lines.append, max_steps=120)
-    second = codec_train.train(tiny_config(), workdir, print_fn=lines.append)
-    return workdir, first, second, lines
+    out = subprocess.run([sys.executable, os.path.join(ROOT, 'watermark.py'), 'train_codec', '--config',
+                          os.path.join(ROOT, 'configs', 'watermark', 'digits.py'), '--workdir', workdir]
+                         + [f'--config.{key}={value}' for key, value in SMALL.items()],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return workdir, out.stdout.strip().splitlines()
 
 
-def test_training_learns_bits_and_resumes(trained_run):
-    workdir, first, second, lines = trained_run
-    assert first['step'] == 120 and first['resumed_from'] is None
-    assert second['resumed_from'] == 120 and second['step'] == 240
-    assert any(line.startswith('resuming from step 120') for line in lines)
-    rows = [json.loads(r) for r in open(os.path.join(workdir, codec_train.METRICS_FILE))]
+def test_training_learns_bits(trained_run):
+    from jaxdiff.watermark.embed import load_images
+    workdir, lines = trained_run
+    assert 'starting from step 0' in lines and lines[-1] == f'done: step 240, codec in {workdir}'
+    rows = [json.loads(r) for r in open(os.path.join(workdir, 'metrics.jsonl'))]
     assert [r['step'] for r in rows] == [60, 120, 180, 240]
+    assert {'bit_acc', 'psnr', 'l2', 'bce', 'mse'} <= set(rows[-1])
     # decoded on 512 digits with fresh random bits: clearly above chance (0.5; std of the mean ~0.008)
-    codec, params, config, _ = codec_train.load_codec(workdir)
-    images, _, _ = codec_train.load_images(config.data)
+    run = wc.load_codec(workdir)
+    assert run.step == 240 and (run.info.resolution, run.info.channels) == (8, 1)
+    images, _, _ = load_images(run.config.data)
     x = jnp.asarray(images[:512], jnp.float32) / 255
-    bits = jax.random.bernoulli(jax.random.PRNGKey(7), 0.5, (512, config.num_bits)).astype(jnp.float32)
-    _, logits = codec.apply(params, bits, x)
+    bits = jax.random.bernoulli(jax.random.PRNGKey(7), 0.5, (512, run.config.num_bits)).astype(jnp.float32)
+    _, logits = run.net.apply(run.variables, bits, x)
     assert bitlib.bit_accuracy(np.asarray(logits), np.asarray(bits)).mean() > 0.65
-
-
-@pytest.mark.slow
-def test_resume_repeats_the_uninterrupted_run(trained_run, tmp_path):
-    """The same 240 steps in one call give the same params as 120 + 120 (bits and data depend on the step)."""
-    workdir, *_ = trained_run
-    codec_train.train(tiny_config(), str(tmp_path), print_fn=lambda s: None)
-    a = codec_train.load_codec(workdir)[1]
-    b = codec_train.load_codec(str(tmp_path))[1]
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
 
 
 def test_embed_writes_a_source_readable_npz(trained_run, tmp_path):
@@ -163,13 +149,30 @@ def test_embed_writes_a_source_readable_npz(trained_run, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    config = tiny_config(total_steps=4, checkpoint_every=2, log_every=2)
-    codec_train.train(config, str(tmp_path), print_fn=lambda s: None, max_steps=2)
-    before = open(os.path.join(str(tmp_path), codec_train.CHECKPOINT_FILE), 'rb').read()
-    monkeypatch.setattr(codec_train.optax, 'sigmoid_binary_cross_entropy', lambda logits, bits: logits * jnp.nan)
-    with pytest.raises(ValueError, match=r'loss became nan at step 3 .*checkpoint of step 2 is kept'):
-        codec_train.train(config, str(tmp_path), print_fn=lambda s: None)
-    assert open(os.path.join(str(tmp_path), codec_train.CHECKPOINT_FILE), 'rb').read() == before
+    """A loss that turns NaN after step 2 ends the run in one line; the step-2 checkpoint stays, intact, the last."""
+    workdir = str(tmp_path)
+    config = from_file(os.path.join(ROOT, 'tests', 'tiny', 'watermark_codec.py'))
+    config.unlock()
+    config.total_steps, config.checkpoint_every, config.log_every = 4, 2, 2
+    step = wc.train_step
+
+    def nan_from_step_2(config, codec, state, batch, key):
+        new_state, metrics = step(config, codec, state, batch, key)
+        return new_state, dict(metrics, loss=jnp.where(state['step'] >= 2, jnp.nan, metrics['loss']))
+
+    monkeypatch.setattr(wc, 'train_step', nan_from_step_2)
+    with pytest.raises(ValueError, match=r'loss is nan by step 4: .*the last checkpoint \(step 2\) is kept'):
+        registry.run(config, workdir)
+    assert ckpt.verify(workdir) == {2: None}
+
+
+def test_old_msgpack_run_is_refused_in_one_line(tmp_path):
+    """A codec run of the trainer before the engine (config.json without a task, checkpoint.msgpack)."""
+    (tmp_path / 'config.json').write_text(json.dumps({'num_bits': 8, 'lr': 1e-3, 'seed': 0}))
+    (tmp_path / 'checkpoint.msgpack').write_bytes(b'\x80')
+    with pytest.raises(ValueError, match='checkpoint.msgpack: a watermark codec written by an older jaxdiff; '
+                                         'retrain with python train.py'):
+        wc.load_codec(str(tmp_path))
 
 
 def test_cli_embed_and_errors(trained_run, tmp_path, env):

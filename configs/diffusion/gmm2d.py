@@ -15,7 +15,7 @@ def get_config():
     c.log_every = 200               # steps between progress lines
     c.sample_every = 1_000          # steps between scatter plots
 
-    c.data.source = 'gmm2d'         # 16,384 points drawn once from the ring mixture (jaxdiff.train.toy_data)
+    c.data.source = 'gmm2d'         # 16,384 points drawn once from the ring mixture (jaxdiff.data.gmm2d)
     c.data.use_labels = False       # unconditional (True: condition on the mode, 8 classes)
 
     c.model.arch = 'mlp'            # jaxdiff.nets.mlp.MLP

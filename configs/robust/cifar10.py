@@ -13,7 +13,7 @@ included) whatever the amount of generated data (its dataset_size is set before 
 the validation slice is cut); 400 epochs = 39,200 steps (~20M examples seen). The one-cycle lr peaks in epoch 10
 (pct_start 0.025 of 400 epochs: steps 882-979) and the EMA starts averaging at update 980 (0.025 * 400 * 98).
 """
-from jaxdiff.robust.trainer import adversarial_config, locked
+from jaxdiff.tasks.adversarial import adversarial_config, locked
 
 
 def get_config():

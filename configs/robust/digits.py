@@ -7,7 +7,7 @@ The first 256 of the 1797 digits are held out for best-checkpoint selection by P
 ceil(1797 / 128) = 15 steps with or without generated data (the reference's epoch: the whole real training set,
 slice included, over the batch; see jaxdiff/robust/mixed_data.py).
 """
-from jaxdiff.robust.trainer import adversarial_config, locked
+from jaxdiff.tasks.adversarial import adversarial_config, locked
 
 
 def get_config():

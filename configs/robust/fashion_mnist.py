@@ -8,7 +8,7 @@ Real data: Debian's dataset-fashion-mnist idx files (60,000 train; the first 102
 An epoch is ceil(60,000 / batch) steps with or without generated data (the reference's epoch; see mixed_data).
 Hours on 2 CPU cores; minutes on a GPU.
 """
-from jaxdiff.robust.trainer import adversarial_config, locked
+from jaxdiff.tasks.adversarial import adversarial_config, locked
 
 
 def get_config():

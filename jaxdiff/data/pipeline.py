@@ -15,6 +15,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxdiff.data.gmm2d import make_gmm2d_source
 from jaxdiff.data.sources import DatasetInfo, make_source
 
 
@@ -77,17 +78,43 @@ def make_iterator(config: Any, *, global_batch_size: int, seed: int, process_ind
                   process_count: int = 1) -> tuple[grain.DatasetIterator, DatasetInfo]:
     """``config.data`` -> (endless iterator of this host's share of each global batch, DatasetInfo).
 
-    Yields dict(image=float32 (global_batch_size // process_count, R, R, C) in [-1, 1], label=int32 (same,)).
+    Yields dict(image=float32 (global_batch_size // process_count, R, R, C) in [-1, 1] (gmm2d: (.., 1, 1, 2) points),
+    label=int32 (same,)).
     The global batches depend only on the seed (``config.shuffle_seed``, or ``seed`` when it is -1) and the data;
     the host takes its slice. ``iterator.get_state()`` / ``set_state(state)`` save and resume the position (JSON-
     serialisable, the same on every host, valid for any process count).
     With ``config.worker_count > 0`` the caller's ``__main__`` must be guarded (grain starts processes).
     """
-    source, info = make_source(config)
-    dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),
-                           process_index=process_index, process_count=process_count, xflip=config.xflip)
-    iter_dataset = dataset.map(to_float).to_iter_dataset()
+    if config.source == 'gmm2d':  # float points in the mixture's units: no conversion, no flips
+        source, info = make_gmm2d_source(data_seed(config, seed))
+        dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),
+                               process_index=process_index, process_count=process_count)
+    else:
+        source, info = make_source(config)
+        dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),
+                               process_index=process_index, process_count=process_count,
+                               xflip=config.xflip).map(to_float)
+    iter_dataset = dataset.to_iter_dataset()
     if config.worker_count > 0:
         _mark_flags_parsed()
         iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count))
     return iter(iter_dataset), info
+
+
+class IteratorBatches:
+    """A grain iterator of :func:`make_iterator` as the engine's ``Batches``: ``batch(step)`` is the next batch
+    (the engine asks for steps in order), the state is the iterator's (the global batches taken: the same on every
+    host, valid for any process count)."""
+
+    def __init__(self, iterator):
+        self.iterator = iterator
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        return next(self.iterator)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict) -> str:
+        self.iterator.set_state(state)
+        return ''

@@ -91,7 +91,7 @@ def evaluate(samples_spec: str, ref_spec: str, features: str = 'digits_classifie
              log=print) -> dict[str, Any]:
     """The metrics dict printed by the CLI (see the module docstring)."""
     from jaxdiff.metrics import frechet, precision_recall
-    from jaxdiff.metrics.features import INCEPTION, extract, make_extractor
+    from jaxdiff.evaluation.features import INCEPTION, extract, make_extractor
     from jaxdiff.metrics.inception_score import inception_score
 
     ref = load_image_set(ref_spec)

@@ -17,8 +17,8 @@ import numpy as np
 from jaxdiff.evaluation.html import (READ_ERRORS, cell, esc, figure, flatten, format_value, key_value_table,
                                      png_bytes, read_json, read_json_object, read_png, reason, render_page,
                                      unavailable, write_text)
-from jaxdiff.train.metrics_log import METRICS_FILE, read_metrics
-from jaxdiff.train.sample_grid import class_layout, grid_image
+from jaxdiff.engine.log import METRICS_FILE, read_metrics
+from jaxdiff.tasks.sample_grid import class_layout, grid_image
 
 KEY_FIELDS = ('data.source', 'model.arch', 'model.model_channels', 'batch_size', 'total_steps')
 METRIC_ORDER = ('label', 'features', 'fid', 'fd', 'is', 'precision', 'recall', 'num_samples')

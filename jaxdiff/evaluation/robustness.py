@@ -5,6 +5,7 @@ DiffPure) and certified accuracy of denoised smoothing, in fixed batches with pr
 from __future__ import annotations
 
 import functools
+import os
 import re
 import time
 from typing import Callable, Optional, Sequence
@@ -264,13 +265,90 @@ def evaluate_smoothing(apply, variables, denoiser_of, dvars, images: np.ndarray,
 def selection(clf) -> dict:
     """The run's keep-best numbers recomputed for ``clf`` (a :class:`~jaxdiff.evaluation.robustness_data.Classifier`):
     {'clean_acc', 'pgd_acc', 'eval_size', 'attack', 'recorded' (best.json of the run's best/, or None)}."""
-    from jaxdiff.robust import mixed_data, trainer
+    from jaxdiff.robust import mixed_data
+    from jaxdiff.tasks import adversarial
     config = clf.config
     data = mixed_data.load(config)
     if not len(data.eval_labels):
         raise ValueError(f'{clf.workdir} holds out no examples (eval.size=0): there is no keep-best number to '
                          'recompute; drop --selection')
-    clean, robust = trainer.selection_accuracy(config, clf.net, clf.variables, data)
+    clean, robust = adversarial.selection_accuracy(config, clf.net, clf.variables, data)
     return dict(clean_acc=clean, pgd_acc=robust, eval_size=int(len(data.eval_labels)),
                 attack=f'PGD-{config.eval.attack_steps} ({config.eval.attack_loss}) eps {config.eps:.6g} '
                        f'{config.norm}', recorded=clf.best)
+
+
+def diffpure_defense(clf, diffusion_run: str, *, t_star: float, num_steps: int, eot: int):
+    """The classifier ``clf`` behind DiffPure (:mod:`jaxdiff.robust.diffpure`) with the denoiser of the diffusion run
+    ``diffusion_run``: (variables {'clf', 'den'}, purifier (attack logits, fresh logits): each ``(variables, key) ->
+    logits_fn``, the mean of ``eot`` purified logits with the randomness fixed by the key, JSON description)."""
+    from jaxdiff.evaluation.robustness_data import load_denoiser
+    from jaxdiff.robust.diffpure import eot_logits_fn, purified_classifier, vp_time_to_sigma
+    denoiser_of, dvars, desc = load_denoiser(diffusion_run, clf.shape, '--diffpure')
+
+    def classifier_of(v):
+        return purified_classifier(denoiser_of(v['den']), lambda x: clf.apply(v['clf'], x), t_star, num_steps,
+                                   solver='sde')
+
+    purifier = (lambda v, k: eot_logits_fn(classifier_of(v), jax.random.fold_in(k, 1), eot),
+                lambda v, k: eot_logits_fn(classifier_of(v), jax.random.fold_in(k, 2), eot))
+    info = dict(run=desc, t_star=t_star, sigma_star=vp_time_to_sigma(t_star), num_steps=num_steps, solver='sde',
+                eot=eot, gradient='full backprop through the purifier (EOT mean of logits)')
+    return dict(clf=clf.variables, den=dvars), purifier, info
+
+
+def evaluate_run(workdir: str, *, checkpoint: str = 'auto', data: str = 'digits:heldout', num: int = 500,
+                 eps: Optional[float] = None, norm: Optional[str] = None,
+                 attacks: Sequence[tuple[str, int]] = (('pgd', 40), ('autoattack', 0)),
+                 pgd_step: Optional[float] = None, aa_iters: int = AA_STANDARD['n_iter'],
+                 square_queries: int = AA_STANDARD['n_queries'], batch_size: int = 250,
+                 diffpure: Optional[str] = None, t_star: float = 0.1, eot: int = 4, diffpure_steps: int = 10,
+                 smoothing: Optional[str] = None, sigma: float = 0.25, n0: int = 100, n: int = 1000,
+                 alpha: float = 0.001, radii: Sequence[float] = DEFAULT_RADII, smoothing_batch: int = 500,
+                 seed: int = 0, with_selection: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Everything ``python -m eval.robustness`` reports for the adversarial-training run ``workdir`` (its flags,
+    same names and defaults, documented there) -> the JSON dict: clean / PGD / AutoAttack accuracies on the first
+    ``num`` examples of ``data`` (optionally behind DiffPure of the diffusion run ``diffpure``), the certified
+    accuracy of denoised smoothing with the diffusion run ``smoothing``, and (``with_selection``) the run's own
+    keep-best numbers. ``attacks``: :func:`parse_attacks` output; eps / norm None: the run's training values."""
+    from jaxdiff.evaluation.robustness_data import Classifier, fit_data, load_data, load_denoiser
+    clf = Classifier(workdir, checkpoint)
+    eps = float(clf.config.eps) if eps is None else eps
+    norm = norm or clf.config.norm
+    images, labels = load_data(data)
+    if num:
+        images, labels = images[:num], labels[:num]
+    images = fit_data(images, labels, clf.shape, clf.info.num_classes, data)
+    key = jax.random.key(seed)
+    names = ','.join(f'{a}{k}' if a == 'pgd' else a for a, k in attacks) or 'none'
+    log(f'eval.robustness: {clf.describe()["arch"]} {clf.source} step {clf.step} of {workdir}; {len(images)} '
+        f'examples of {data}; eps {eps:.4g} {norm}; attacks {names}')
+    result = dict(workdir=os.path.abspath(workdir), model=clf.describe(), data=data, n=int(len(images)), eps=eps,
+                  norm=norm, seed=seed, defense='none')
+    if with_selection:
+        result['selection'] = selection(clf)
+    smoothing_model = load_denoiser(smoothing, clf.shape, '--smoothing') if smoothing else None
+    purifier, variables = None, clf.variables
+    if diffpure:
+        variables, purifier, result['diffpure'] = diffpure_defense(clf, diffpure, t_star=t_star,
+                                                                   num_steps=diffpure_steps, eot=eot)
+        result['defense'] = f'DiffPure t*={t_star}, {diffpure_steps} SDE steps, EOT {eot}'
+    if attacks:
+        net = clf.net
+        result.update(evaluate_attacks(lambda v, x: net.apply(v, x, train=False), variables, images, labels,
+                                       eps=eps, norm=norm, attacks=attacks, batch_size=batch_size,
+                                       key=jax.random.fold_in(key, 0), aa_iters=aa_iters,
+                                       square_queries=square_queries, pgd_step=pgd_step,
+                                       num_classes=clf.info.num_classes, purifier=purifier,
+                                       cache_key=('plain', net) if purifier is None else None, log=log))
+    if smoothing:
+        denoiser_of, dvars, desc = smoothing_model
+        result['smoothing'] = dict(evaluate_smoothing(clf.apply, clf.variables, denoiser_of, dvars, images, labels,
+                                                      sigma=sigma, n0=n0, n=n, alpha=alpha, radii=radii,
+                                                      batch=smoothing_batch, key=jax.random.fold_in(key, 1),
+                                                      log=log), run=desc)
+        if 'clean_acc' not in result:
+            result['clean_acc'] = float(np.mean(np.argmax(np.concatenate([
+                np.asarray(jax.jit(clf.apply)(clf.variables, jnp.asarray(images[lo:hi], jnp.float32) / 255.0))
+                for lo, hi in batch_ranges(len(images), batch_size)]), -1) == labels))
+    return result

@@ -16,9 +16,9 @@ class Classifier:
     """A trained adversarial-training run: ``apply(variables, x (B, H, W, C) in [0, 1]) -> logits (B, K)``."""
 
     def __init__(self, workdir: str, checkpoint: str = 'auto'):
-        from jaxdiff.robust import trainer
+        from jaxdiff.tasks import adversarial
         from jaxdiff.runs import load_run, task_of
-        from jaxdiff.train import checkpoint as ckpt
+        from jaxdiff.engine import checkpoint as ckpt
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of an adversarial '
                                     'training run (python train.py --config configs/robust/digits.py --workdir RUN)')
@@ -27,12 +27,12 @@ class Classifier:
             raise ValueError(f'{workdir} is a {task!r} run, not a classifier: --workdir takes a task=adversarial '
                              'run (configs/robust_*.py)')
         if checkpoint == 'auto':
-            checkpoint = 'best' if os.path.isdir(os.path.join(workdir, trainer.BEST_DIR, 'checkpoints')) else 'latest'
+            checkpoint = 'best' if os.path.isdir(os.path.join(workdir, adversarial.BEST_DIR, 'checkpoints')) else 'latest'
         run = load_run(workdir, checkpoint=checkpoint)
         self.workdir, self.config, self.info, self.net, self.variables = workdir, run.config, run.info, run.net, \
             run.variables
         self.source, self.step = run.checkpoint, run.step
-        self.best = trainer.read_best(workdir) if checkpoint == 'best' else None
+        self.best = adversarial.read_best(workdir) if checkpoint == 'best' else None
         self.shape = (self.info.resolution, self.info.resolution, self.info.channels)
 
     def apply(self, variables, x):
@@ -108,7 +108,7 @@ def load_denoiser(path: str, shape: tuple, flag: str):
     """(unconditional denoiser fn(variables) -> D, variables, description) of a diffusion run for --diffpure /
     --smoothing, checked against the classifier's image shape."""
     from jaxdiff.sampling.model import load_model
-    from jaxdiff.train import checkpoint as ckpt
+    from jaxdiff.engine import checkpoint as ckpt
     if not os.path.isdir(path):
         raise FileNotFoundError(f'{flag} {path!r}: no such directory; pass a train.py diffusion run')
     if os.path.isfile(os.path.join(path, ckpt.CONFIG_FILE)):

@@ -24,12 +24,13 @@ from jaxdiff.evaluation.safety import (DDPM_STEPS, DIGITS_TARGET_DROP, DIGITS_TA
                                        UNGUIDANCE_ETA, Method, baselines, discrete_solver_methods, log_density,
                                        practical_methods, select)
 from jaxdiff.metrics import frechet
-from jaxdiff.metrics.feature_classifier import dataset_split, load_or_train
+from jaxdiff.metrics.feature_classifier import dataset_split
+from jaxdiff.tasks.feature_classifier import load_or_train
 from jaxdiff.sampling import options
 from jaxdiff.sampling.generate import Labels, local_mesh, make_generator, sample_array
 from jaxdiff.sampling.model import load_model, noisy_classifier_logits
 from jaxdiff.sampling.options import grid_ends
-from jaxdiff.train.sample_grid import grid_image
+from jaxdiff.tasks.sample_grid import grid_image
 from jaxdiff.transforms import (PRESETS, classifier_density, negative_classifier_guidance, paper_safe_denoiser,
                                 safe_classifier_guidance, sld, unguidance)
 

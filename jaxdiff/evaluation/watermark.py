@@ -16,23 +16,22 @@ import numpy as np
 NOISE_STDS = (0.02, 0.05, 0.1)       # --perturb: Gaussian noise std, images in [0, 1]
 BLUR_SIGMAS = (0.5, 1.0)             # --perturb: Gaussian blur std in pixels
 QUANT_LEVELS = (16, 4)               # --perturb: grey levels per channel after quantisation
-TRIGGER_SAMPLES = 16                 # trigger samples compared with the watermark image
 FEATURES = {(8, 1): 'digits_classifier', (28, 1): 'fashion_mnist_classifier',
             (32, 1): 'fashion_mnist_classifier'}  # (resolution, channels) -> feature classifier for fd
 
 
 # ----------------------------------------------------------------------------------------------- decoding
 
-def decode(codec_run: str) -> Callable[[np.ndarray], np.ndarray]:
-    """uint8 images (N, H, W, C) -> bit logits (N, n) through the decoder of a codec run (batched, jitted)."""
-    from jaxdiff.watermark.codec_train import load_codec
-    codec, params, _, info = load_codec(codec_run)
-    run = jax.jit(lambda x: codec.apply(params, x.astype(jnp.float32) / 255.0, method='decode'))
+def decode(codec) -> Callable[[np.ndarray], np.ndarray]:
+    """uint8 images (N, H, W, C) -> bit logits (N, n) through the decoder of a loaded codec run (``codec``:
+    :func:`jaxdiff.tasks.watermark_codec.load_codec`'s Run; batched, jitted)."""
+    info = codec.info
+    run = jax.jit(lambda x: codec.net.apply(codec.variables, x.astype(jnp.float32) / 255.0, method='decode'))
 
     def logits(images: np.ndarray) -> np.ndarray:
-        if images.shape[1:] != (info['resolution'], info['resolution'], info['channels']):
-            raise ValueError(f'images are {"x".join(map(str, images.shape[1:]))} but the codec {codec_run} reads '
-                             f'{info["resolution"]}x{info["resolution"]}x{info["channels"]}')
+        if images.shape[1:] != (info.resolution, info.resolution, info.channels):
+            raise ValueError(f'images are {"x".join(map(str, images.shape[1:]))} but the codec {codec.workdir} '
+                             f'reads {info.resolution}x{info.resolution}x{info.channels}')
         return np.concatenate([np.asarray(run(images[i:i + 500])) for i in range(0, len(images), 500)])
 
     return logits
@@ -79,17 +78,17 @@ def read_bits(bits: Optional[str], embedded: Optional[str], num_bits: int) -> np
     return bitlib.parse_bits(bits, num_bits)
 
 
-def run_decode(codec_run: str, samples: str, bits: np.ndarray, perturb: bool, seed: int = 0) -> dict:
-    """The decode mode's result (module docstring)."""
+def run_decode(codec, samples: str, bits: np.ndarray, perturb: bool, seed: int = 0) -> dict:
+    """The decode mode's result (module docstring); ``codec``: a loaded codec run (:func:`decode`)."""
     from jaxdiff.evaluation.fid import load_image_set
     images = load_image_set(samples).get('images')
     if images is None:
         raise ValueError(f'{samples} holds feature statistics, not images')
-    logits = decode(codec_run)
+    logits = decode(codec)
     rows = []
     for name, fn in (perturbations() if perturb else perturbations()[:1]):
         rows.append(dict(perturbation=name, **bit_scores(logits(fn(images, np.random.default_rng(seed))), bits)))
-    return dict(mode='decode', codec=os.path.abspath(codec_run), samples=samples, bits=''.join(map(str, bits)),
+    return dict(mode='decode', codec=os.path.abspath(codec.workdir), samples=samples, bits=''.join(map(str, bits)),
                 **{k: rows[0][k] for k in ('bit_acc', 'bit_acc_std', 'all_bits', 'n')}, rows=rows)
 
 
@@ -98,7 +97,8 @@ def run_decode(codec_run: str, samples: str, bits: np.ndarray, perturb: bool, se
 def reference_stats(resolution: int, channels: int):
     """(FeatureNet, FeatureStats of its real ``ref`` split) for images of this size; ValueError for other sizes."""
     from jaxdiff.metrics import frechet
-    from jaxdiff.metrics.feature_classifier import dataset_split, load_or_train
+    from jaxdiff.metrics.feature_classifier import dataset_split
+    from jaxdiff.tasks.feature_classifier import load_or_train
     name = FEATURES.get((resolution, channels))
     if name is None:
         raise ValueError(f'no feature classifier for {resolution}x{resolution}x{channels} images (have '
@@ -135,12 +135,12 @@ def add_weight_noise(variables: dict, std: float, key: jax.Array) -> dict:
     return {**variables, 'params': jax.tree.unflatten(tree, noisy)}
 
 
-def run_weight_noise(codec_run: str, workdir: str, bits: np.ndarray, stds: Sequence[float], num_samples: int,
+def run_weight_noise(codec, workdir: str, bits: np.ndarray, stds: Sequence[float], num_samples: int,
                      seed: int = 0, log: Callable[[str], None] = print) -> dict:
-    """The weight-noise mode's result (module docstring)."""
+    """The weight-noise mode's result (module docstring); ``codec``: a loaded codec run (:func:`decode`)."""
     from jaxdiff.sampling.model import load_model
     model = load_model(workdir)
-    logits = decode(codec_run)
+    logits = decode(codec)
     ref = reference_stats(model.resolution, model.channels)
     rows = []
     for i, std in enumerate(stds):
@@ -150,7 +150,7 @@ def run_weight_noise(codec_run: str, workdir: str, bits: np.ndarray, stds: Seque
         rows.append(dict(weight_noise=float(std), **bit_scores(logits(images), bits), fd=fd,
                          seconds=round(time.time() - begin, 1)))
         log(f'weight noise {std:g}: bit acc {rows[-1]["bit_acc"]:.4f}, fd {fd:.3f}')
-    return dict(mode='weight_noise', codec=os.path.abspath(codec_run), workdir=os.path.abspath(workdir),
+    return dict(mode='weight_noise', codec=os.path.abspath(codec.workdir), workdir=os.path.abspath(workdir),
                 bits=''.join(map(str, bits)), num_samples=num_samples, seed=seed, rows=rows)
 
 
@@ -162,7 +162,8 @@ def run_trigger(run_dir: str, base: Optional[str], num_samples: int, log: Callab
     base = base or trigger.settings['base_run']
     tuned, original = load_model(run_dir), load_model(base)
     ref = reference_stats(tuned.resolution, tuned.channels)
-    mse = {name: trigger_mse(sample_trigger(m, m.variables, cond, TRIGGER_SAMPLES), trigger.image)
+    mse = {name: trigger_mse(sample_trigger(m.denoiser, m.variables, (m.resolution, m.resolution, m.channels),
+                                            m.sigma_range, cond), trigger.image)
            for name, m, cond in (('finetuned', tuned, trigger.cond),
                                  ('base', original, np.zeros(original.label_dim, np.float32)))}
     fd = {}

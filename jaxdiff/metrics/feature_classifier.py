@@ -5,27 +5,22 @@ jaxdiff trains its own :class:`~jaxdiff.nets.classifier.SmallCNN` with a fixed r
 caches the weights. Distances computed with these features are comparable with each other (same recipe, same
 seed), not with published FIDs.
 
-Cache layout: ``<cache_dir>/classifiers/<name>.msgpack`` (flax msgpack of the variables) next to
-``<name>.json`` (accuracy, seed, data fingerprint, recipe, library version and the weights' sha256), where
-``cache_dir`` is the argument, else ``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``.
+Training is the engine task ``feature_classifier`` (:mod:`jaxdiff.tasks.feature_classifier`); this module holds
+the registry, the splits, :class:`FeatureNet` and :func:`load_or_train`. Cache layout: ``<cache_dir>/classifiers/
+<name>/``, an engine run directory (config.json, checkpoints/, metrics.jsonl, tb/) with ``classifier.json``
+(held-out accuracy, seed, step, data fingerprint, recipe, library version), where ``cache_dir`` is the argument,
+else ``$JAXDIFF_CACHE``, else ``~/.cache/jaxdiff``.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
-import time
 from typing import Callable, NamedTuple
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-import jaxdiff
-from jaxdiff import files
 from jaxdiff.data.sources import FASHION_MNIST_DIR, load_digits, load_fashion_mnist
 from jaxdiff.nets.classifier import SmallCNN
 
@@ -33,9 +28,9 @@ from jaxdiff.nets.classifier import SmallCNN
 # alike out-of-sample; ref is the Fréchet-distance reference and heldout the real-vs-real yardstick.
 SPLITS = ('train', 'ref', 'heldout')
 DIGITS_SPLIT_SEED = 0
-DEFAULT_SEED = 0
+DEFAULT_SEED = 0  # the seed of the cached classifiers
 EVAL_BATCH = 1000
-LOG_EVERY_S = 10.0
+RESULT_FILE = 'classifier.json'  # a finished run's record (written by the task, read by load_or_train)
 
 
 def _digits_split(split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -81,18 +76,19 @@ CLASSIFIERS = {
 }
 
 
-def _spec(name: str) -> ClassifierSpec:
+def classifier_spec(name: str) -> ClassifierSpec:
     """The registry entry for ``name``; ValueError listing the known names otherwise."""
     if name not in CLASSIFIERS:
         raise ValueError(f'unknown feature classifier {name!r}; known: {", ".join(sorted(CLASSIFIERS))}')
     return CLASSIFIERS[name]
 
 
-def _module(spec: ClassifierSpec) -> SmallCNN:
+def network(spec: ClassifierSpec) -> SmallCNN:
+    """The SmallCNN of ``spec`` (unbound module)."""
     return SmallCNN(num_classes=spec.num_classes, channels=spec.net_channels, feature_dim=spec.feature_dim)
 
 
-def _recipe(spec: ClassifierSpec) -> dict:
+def recipe_of(spec: ClassifierSpec) -> dict:
     """The JSON-able fields of ``spec`` that determine the weights (all but the loader function)."""
     return {key: list(value) if isinstance(value, tuple) else value
             for key, value in spec._asdict().items() if key != 'load'}
@@ -100,13 +96,13 @@ def _recipe(spec: ClassifierSpec) -> dict:
 
 def dataset_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 (N, H, W, C) and labels int32 (N,) of classifier ``name``'s split (one of SPLITS)."""
-    spec = _spec(name)
+    spec = classifier_spec(name)
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is unknown; use one of {', '.join(SPLITS)}")
     return spec.load(split)
 
 
-def _to_unit(images: jax.Array) -> jax.Array:
+def to_unit(images: jax.Array) -> jax.Array:
     """Pixel values 0..255 (B, H, W, C) -> float32 in [-1, 1], the range the diffusion models work in."""
     return images.astype(jnp.float32) / 127.5 - 1
 
@@ -138,7 +134,7 @@ def _to_native(images: jax.Array, resolution: int, channels: int) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=('module', 'resolution', 'channels'))
 def _forward(variables, images: jax.Array, *, module: SmallCNN, resolution: int, channels: int):
     """uint8 images (B, S, S, C) -> dict(features (B, D), logits (B, K)) float32."""
-    return module.apply(variables, _to_unit(_to_native(images, resolution, channels)))
+    return module.apply(variables, to_unit(_to_native(images, resolution, channels)))
 
 
 class FeatureNet(NamedTuple):
@@ -161,17 +157,17 @@ class FeatureNet(NamedTuple):
 
 
 def make_feature_net(name: str, variables, accuracy: float = float('nan')) -> FeatureNet:
-    """A FeatureNet for registry entry ``name`` with the given variables (e.g. from :func:`train_classifier`)."""
-    spec = _spec(name)
-    apply = functools.partial(_forward, variables, module=_module(spec), resolution=spec.resolution,
+    """A FeatureNet for registry entry ``name`` with the given variables (e.g. a run's params)."""
+    spec = classifier_spec(name)
+    apply = functools.partial(_forward, variables, module=network(spec), resolution=spec.resolution,
                               channels=spec.channels)
-    module = _module(spec)
+    module = network(spec)
     return FeatureNet(name=name, resolution=spec.resolution, channels=spec.channels, num_classes=spec.num_classes,
                       accuracy=float(accuracy), apply=apply, apply_float=lambda x: module.apply(variables, x))
 
 
-def _accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of ``net`` on images (N, H, W, C), labels (N,)."""
+def top1_accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``net`` on images uint8 (N, H, W, C), labels int32 (N,), in batches of EVAL_BATCH."""
     hits = 0
     for start in range(0, len(images), EVAL_BATCH):
         logits = net.apply(images[start:start + EVAL_BATCH])['logits']
@@ -179,114 +175,10 @@ def _accuracy(net: FeatureNet, images: np.ndarray, labels: np.ndarray) -> float:
     return hits / len(images)
 
 
-def _train(name: str, train, heldout, seed: int, log: Callable[[str], None]):
-    """(variables, held-out accuracy) of ``name``'s recipe fitted to ``train`` = (images, labels)."""
-    spec = _spec(name)
-    module = _module(spec)
-    images, labels = train
-    steps_per_epoch = len(images) // spec.batch_size  # the remainder is dropped so every step has one shape
-    total = spec.epochs * steps_per_epoch
-    optimizer = optax.adam(optax.cosine_decay_schedule(spec.learning_rate, total))
-    variables = module.init(jax.random.key(seed), jnp.zeros((1, spec.resolution, spec.resolution, spec.channels)))
-    opt_state = optimizer.init(variables)
-
-    @jax.jit
-    def step(variables, opt_state, x, y):
-        def loss_fn(v):
-            logits = module.apply(v, _to_unit(x))['logits']
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        loss, grads = jax.value_and_grad(loss_fn)(variables)
-        updates, opt_state = optimizer.update(grads, opt_state, variables)
-        return optax.apply_updates(variables, updates), opt_state, loss
-
-    order_rng = np.random.default_rng(seed)
-    begin = last_log = time.perf_counter()
-    done, loss_sum = 0, 0.0
-    for epoch in range(spec.epochs):
-        order = order_rng.permutation(len(images))
-        for i in range(steps_per_epoch):
-            batch = order[i * spec.batch_size:(i + 1) * spec.batch_size]
-            variables, opt_state, loss = step(variables, opt_state, images[batch], labels[batch])
-            loss_sum, done = loss_sum + loss, done + 1
-            now = time.perf_counter()
-            if now - last_log >= LOG_EVERY_S or done == total:
-                # float() waits for the step: only here, so the host otherwise runs ahead of the device.
-                rate = done * spec.batch_size / (now - begin)
-                eta = (total - done) * spec.batch_size / rate
-                log(f'{name}: epoch {epoch + 1}/{spec.epochs} step {done}/{total} '
-                    f'loss {float(loss_sum) / done:.4f} {rate:.0f} img/s ETA {eta:.0f}s')
-                last_log = now
-    accuracy = _accuracy(make_feature_net(name, variables), *heldout)
-    log(f'{name}: held-out accuracy {accuracy:.4f} after {time.perf_counter() - begin:.0f}s')
-    return variables, accuracy
-
-
-def train_classifier(name: str, *, seed: int = 0, log: Callable[[str], None] = print):
-    """Trains ``name``'s recipe from scratch -> (variables, held-out accuracy).
-
-    Deterministic: ``seed`` fixes the initialisation and the order of the batches.
-    """
-    return _train(name, dataset_split(name, 'train'), dataset_split(name, 'heldout'), seed, log)
-
-
-def _fingerprint(*arrays: np.ndarray) -> str:
+def data_fingerprint(*arrays: np.ndarray) -> str:
     """A short sha256 of the arrays' shapes and bytes, identifying the data a classifier saw."""
     digest = hashlib.sha256()
     for array in arrays:
         digest.update(str(array.shape).encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()[:16]
-
-
-def _read_cache(spec: ClassifierSpec, weights_path: str, sidecar_path: str):
-    """(variables, accuracy) from the cache files; raises if they are unreadable, mismatched or stale."""
-    with open(weights_path, 'rb') as f:
-        data = f.read()
-    with open(sidecar_path) as f:
-        sidecar = json.load(f)
-    if sidecar['weights_sha256'] != hashlib.sha256(data).hexdigest():
-        raise ValueError('weights do not match the sha256 in their sidecar')
-    if sidecar['recipe'] != _recipe(spec):
-        raise ValueError('they were trained with a different recipe')
-    module = _module(spec)
-    template = jax.eval_shape(module.init, jax.random.key(0),
-                              jnp.zeros((1, spec.resolution, spec.resolution, spec.channels)))
-    variables = flax.serialization.from_bytes(template, data)
-    shapes = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), variables)
-    if shapes != jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), template):
-        raise ValueError('the stored arrays do not fit the network')
-    return jax.tree.map(jnp.asarray, variables), float(sidecar['accuracy'])
-
-
-def load_or_train(name: str, cache_dir: str | None = None, log: Callable[[str], None] = print) -> FeatureNet:
-    """The FeatureNet for registry entry ``name``, from the cache or trained (seed 0) and cached.
-
-    The files are a cache, not user data: if they are missing, unreadable, inconsistent or from another recipe,
-    the classifier is retrained and the files are replaced (with a warning line in the last three cases).
-    """
-    spec = _spec(name)
-    folder = os.path.join(cache_dir or os.environ.get('JAXDIFF_CACHE') or os.path.expanduser('~/.cache/jaxdiff'),
-                          'classifiers')
-    weights_path = os.path.join(folder, f'{name}.msgpack')
-    sidecar_path = os.path.join(folder, f'{name}.json')
-    if os.path.exists(weights_path):
-        try:
-            variables, accuracy = _read_cache(spec, weights_path, sidecar_path)
-            return make_feature_net(name, variables, accuracy)
-        except Exception as error:  # pylint: disable=broad-except  # any failure to read a cache means rebuild it
-            log(f'warning: cached {name} at {weights_path} is unusable ({type(error).__name__}: {error}); '
-                'retraining and replacing it')
-    else:
-        log(f'{name}: no cached weights; training it (seed {DEFAULT_SEED}) and saving to {weights_path}')
-    train, heldout = dataset_split(name, 'train'), dataset_split(name, 'heldout')
-    variables, accuracy = _train(name, train, heldout, DEFAULT_SEED, log)
-    data = flax.serialization.to_bytes(variables)
-    sidecar = dict(name=name, accuracy=accuracy, seed=DEFAULT_SEED, data_fingerprint=_fingerprint(*train, *heldout),
-                   recipe=_recipe(spec), jaxdiff_version=jaxdiff.__version__,
-                   weights_sha256=hashlib.sha256(data).hexdigest())
-    os.makedirs(folder, exist_ok=True)
-    # Weights first: a crash before the sidecar lands leaves a hash mismatch, which the next call retrains.
-    files.write_bytes(weights_path, data)
-    files.write_json(sidecar_path, sidecar)
-    log(f'{name}: saved weights to {weights_path} (held-out accuracy {accuracy:.4f})')
-    return make_feature_net(name, variables, accuracy)

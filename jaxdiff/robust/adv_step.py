@@ -35,32 +35,19 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
 from jaxdiff import parallel
+from jaxdiff.engine.state import TrainState
 from jaxdiff.robust import losses
 from jaxdiff.robust.mixed_data import augment
 from jaxdiff.robust.pgd import pgd
 
 ARCHS = ('wrn', 'preact_resnet18')
 METHODS = ('trades', 'pgd_at')
-
-
-class AdvState(flax.struct.PyTreeNode):
-    """step: int32 () updates taken; params; ema: the averaged params; opt_state: {'momentum': tree like params};
-    buffers: the BatchNorm running statistics ('batch_stats' collection); nonfinite: int32 () steps whose loss was
-    not finite. The attribute names are those :class:`jaxdiff.train.checkpoint.Checkpointer` stores."""
-
-    step: jax.Array
-    params: dict
-    ema: dict
-    opt_state: dict
-    buffers: dict
-    nonfinite: jax.Array
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -81,11 +68,11 @@ def build_net(config, info) -> nn.Module:
     raise ValueError(f'config.model.arch={m.arch!r} is not supported: use one of {list(ARCHS)}')
 
 
-def init_state(net: nn.Module, image_shape: tuple, key: jax.Array) -> AdvState:
+def init_state(net: nn.Module, image_shape: tuple, key: jax.Array) -> TrainState:
     """Fresh state: params and BN statistics from net.init on a zero batch of 2, ema = params, zero momentum."""
     variables = net.init(key, jnp.zeros((2,) + tuple(image_shape), jnp.float32))
     params = variables['params']
-    return AdvState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema=jax.tree.map(jnp.copy, params),
                     opt_state={'momentum': jax.tree.map(jnp.zeros_like, params)},
                     buffers=variables.get('batch_stats', {}), nonfinite=jnp.zeros((), jnp.int32))
 
@@ -187,7 +174,7 @@ def cw_loss(logits, y, clean=None):
 
 
 def train_step(config, net: nn.Module, steps_per_epoch: int, total_steps: int, warmup_steps: float,
-               state: AdvState, batch: dict, key: jax.Array):
+               state: TrainState, batch: dict, key: jax.Array):
     """One update (unjitted). batch: image uint8 (B, H, W, C), label int32 (B,). Returns (state, metrics)."""
     step = state.step
     k_aug, k_attack = jax.random.split(jax.random.fold_in(key, step))
@@ -260,20 +247,6 @@ def eval_counts(config, net: nn.Module, params, stats, images, labels, weights, 
 
 
 # ------------------------------------------------------------------------------------------------------ jit
-
-def jit_init(net: nn.Module, image_shape: tuple, mesh) -> Callable:
-    """key -> AdvState computed under jit straight into the replicated sharding."""
-    return jax.jit(functools.partial(init_state, net, image_shape), out_shardings=parallel.replicated(mesh))
-
-
-def jit_train_step(config, net: nn.Module, mesh, steps_per_epoch: int, total_steps: int,
-                   warmup_steps: float) -> Callable:
-    """Jitted ``(state, batch, key) -> (state, metrics)``: state replicated (donated), batch split over the mesh."""
-    rep = parallel.replicated(mesh)
-    fn = functools.partial(train_step, config, net, steps_per_epoch, total_steps, float(warmup_steps))
-    return jax.jit(fn, in_shardings=(rep, parallel.batch_sharding(mesh), rep), out_shardings=(rep, rep),
-                   donate_argnums=(0,))
-
 
 def jit_eval(config, net: nn.Module, mesh) -> Callable:
     """Jitted ``(params, stats, images, labels, weights, key) -> (clean, robust)`` counts."""

@@ -50,7 +50,7 @@ def filter_folder(in_dir: str, fraction: float, classifier: str, *, out_dir: str
     classifier: a name of :mod:`jaxdiff.metrics.feature_classifier` (trained and cached on first use).
     Returns out_dir. Raises ValueError for unconditional samples or an incomplete input folder.
     """
-    from jaxdiff.metrics import feature_classifier
+    from jaxdiff.tasks.feature_classifier import load_or_train
     manifest = shards.read_manifest(in_dir)
     if manifest is None or not manifest.get('complete'):
         raise ValueError(f'{in_dir} is not a complete sample folder; finish sampling (rerun sample.py) first')
@@ -58,7 +58,7 @@ def filter_folder(in_dir: str, fraction: float, classifier: str, *, out_dir: str
     if (data['labels'] < 0).any():
         raise ValueError('filtering keeps the best samples of each class; these samples are unconditional')
     out_dir = out_dir or os.path.join(in_dir, f'top{fraction * 100:g}')
-    net = feature_classifier.load_or_train(classifier, log=log)
+    net = load_or_train(classifier, log=log)
     log(f'scoring {len(data["images"]):,} samples with {classifier} (held-out accuracy {net.accuracy:.3f})')
     scores = class_scores(net.apply, data['images'], data['labels'])
     keep = top_per_class(scores, data['labels'], fraction)

@@ -54,8 +54,8 @@ def load_model(path: str, *, use_ema: bool = True, step: Optional[int] = None) -
     return _run(path, use_ema, step)
 
 def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
-    from jaxdiff.train.model import denoiser_fn
-    from jaxdiff.train.sample_grid import sigma_range
+    from jaxdiff.nets.from_config import denoiser_fn
+    from jaxdiff.tasks.sample_grid import sigma_range
 
     run = load_run(workdir, use_ema=use_ema, step=step)
     config, net = run.config, run.net

@@ -50,7 +50,7 @@ class Progress:
 
     def line(self, now: float) -> str:
         """'sampled 1,024/50,000 (2.0%) | 812.3 img/s | ETA 0:01:00'."""
-        from jaxdiff.train.metrics_log import format_eta
+        from jaxdiff.engine.log import format_eta
         rate = self.rate(now)
         eta = (self.total - self.done) / rate if rate > 0 else float('nan')
         pct = 100.0 * self.done / max(self.total, 1)

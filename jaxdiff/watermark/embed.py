@@ -11,18 +11,35 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import files
+from jaxdiff.data.sources import make_source
+from jaxdiff.tasks.watermark_codec import load_codec
 from jaxdiff.watermark import bits as bitlib
-from jaxdiff.watermark.codec_train import load_codec, load_images
 
 NPZ_FILE = 'watermarked.npz'
 JSON_FILE = 'watermarked.json'
+
+
+def load_images(data_config) -> tuple[np.ndarray, np.ndarray, Any]:
+    """All images of ``make_source(data_config)`` in memory: (uint8 (N, R, R, C), labels int32 (N,), DatasetInfo).
+    Labels are zeros when the data has none or ``use_labels`` is false."""
+    source, info = make_source(data_config)
+    inner = getattr(source, 'source', None)
+    if hasattr(inner, 'images') and data_config.resolution in (0, info.resolution) and \
+            inner.images.shape[1] == info.resolution:
+        images = np.asarray(inner.images)  # array sources at native size: no per-item copies
+        labels = np.asarray(inner.labels, np.int32) if info.num_classes else np.zeros(len(images), np.int32)
+    else:
+        items = [source[i] for i in range(len(source))]
+        images = np.stack([item['image'] for item in items])
+        labels = np.asarray([item['label'] for item in items], np.int32)
+    return images, labels, info
 
 
 def _to_uint8(x: jax.Array) -> jax.Array:
@@ -75,7 +92,8 @@ def embed(codec_run: str, out_dir: str, *, bits: str | None = None, bits_seed: i
     Raises FileNotFoundError / ValueError (one line) for a missing run, a bad bit string, data of another
     resolution or channel count than the codec's.
     """
-    codec, params, config, info = load_codec(codec_run)
+    run = load_codec(codec_run)
+    config, info = run.config, run.info
     watermark = bitlib.make_bits(config.num_bits, bits, bits_seed)
     data = config.data
     if data_overrides:
@@ -89,11 +107,11 @@ def embed(codec_run: str, out_dir: str, *, bits: str | None = None, bits_seed: i
     data.unlock()
     data.use_labels = True  # labels are kept whatever the codec was trained with
     images, labels, data_info = load_images(data)
-    if (data_info.resolution, data_info.channels) != (info['resolution'], info['channels']):
+    if (data_info.resolution, data_info.channels) != (info.resolution, info.channels):
         raise ValueError(f'the data are {data_info.resolution}x{data_info.resolution}x{data_info.channels} but the '
-                         f'codec in {codec_run} was trained at {info["resolution"]}x{info["resolution"]}x'
-                         f'{info["channels"]}; set --config.data.resolution or train a codec for this data')
-    watermarked, logits = embed_arrays(codec, params, images, watermark, batch_size, print_fn)
+                         f'codec in {codec_run} was trained at {info.resolution}x{info.resolution}x'
+                         f'{info.channels}; set --config.data.resolution or train a codec for this data')
+    watermarked, logits = embed_arrays(run.net, run.variables, images, watermark, batch_size, print_fn)
     accuracy = bitlib.bit_accuracy(logits, watermark)
     matches = bitlib.all_match(logits, watermark)
     psnr = bitlib.psnr(watermarked, images)

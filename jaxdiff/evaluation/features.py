@@ -46,10 +46,11 @@ def make_extractor(name: str, inception_weights: Optional[str] = None, log: Call
             return {'features': out['pool'], 'logits': out['pool'] @ v['params']['fc']['weight']}
 
         return Extractor(INCEPTION, lambda images: features(variables, images), 100)
-    from jaxdiff.metrics import feature_classifier
-    if name not in feature_classifier.CLASSIFIERS:
+    from jaxdiff.metrics.feature_classifier import CLASSIFIERS
+    from jaxdiff.tasks.feature_classifier import load_or_train
+    if name not in CLASSIFIERS:
         raise ValueError(f'unknown --features {name!r}: use one of {", ".join(names())}')
-    net = feature_classifier.load_or_train(name, log=log)
+    net = load_or_train(name, log=log)
     return Extractor(name, net.apply, 1000)
 
 

@@ -2,7 +2,8 @@
 
 Each checkpoint holds three items:
 
-- ``state``: the TrainState as a dict (step, params, ema, opt_state, buffers, nonfinite), sharded arrays;
+- ``state``: the task's state as a dict (:func:`state_to_tree`; e.g. step, params, ema, opt_state, buffers,
+  nonfinite), sharded arrays;
 - ``data``:  every host's data-iterator state, JSON ``{"process_count": P, "states": [state_0, ..., state_P-1]}``;
 - ``meta``:  JSON ``{"step", "fingerprint", "config"}``; ``fingerprint`` is two uint32 checksums per state leaf,
   checked after restore, so a truncated or altered file is detected even where the storage layer would not notice.
@@ -17,6 +18,7 @@ breaks rather than as a traceback from each of orbax's concurrent readers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -117,30 +119,30 @@ def config_diff(old: dict, new: dict) -> list[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k, '<absent>') != b.get(k, '<absent>'))
 
 
-def _added_at_default(key: str, old: dict, new: dict) -> bool:
+def _added_at_default(key: str, old: dict, new: dict, defaults: dict) -> bool:
     """A field the library added after the run started, at its default: the run's meaning is unchanged."""
-    from jaxdiff.config import base_config
-    defaults = _flatten(config_dict(base_config()))
     return key not in _flatten(old) and key in defaults and _flatten(new).get(key) == defaults[key]
 
 
-def check_config(workdir: str, config, allow_change: bool, *, write: bool = True) -> None:
+def check_config(workdir: str, config, allow_change: bool, *, write: bool = True, schema=None) -> None:
     """Refuse a workdir whose config.json differs from ``config`` (unless ``allow_change``), then write it.
 
     With ``allow_change`` the previous config.json is kept as ``config.<unix time>.json`` (nothing is lost).
     Fields missing from the old config.json that the new config holds at their library default (fields added
-    to jaxdiff since the run started) are not a difference. Raises ConfigMismatchError (one line naming the
-    differing keys). ``write=False``: check only (other hosts).
+    to jaxdiff since the run started) are not a difference; ``schema`` is the task's ConfigDict of defaults (None:
+    every difference counts). Raises ConfigMismatchError (one line naming the differing keys). ``write=False``:
+    check only (other hosts).
     """
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_dict(config)
+    defaults = _flatten(config_dict(schema)) if schema is not None else {}
     if os.path.exists(path):
         try:
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigMismatchError(f'{path} is unreadable ({e}); restore it or use a new --workdir') from e
-        diff = [k for k in config_diff(old, new) if not _added_at_default(k, old, new)]
+        diff = [k for k in config_diff(old, new) if not _added_at_default(k, old, new, defaults)]
         if not diff:
             return
         if not allow_change:
@@ -214,7 +216,7 @@ def _is_primary() -> bool:
 class Checkpointer:
     """Saves and restores training checkpoints in ``workdir/checkpoints`` (see the module docstring).
 
-    ``state_to_tree`` / ``tree_to_state`` convert the TrainState to and from the plain dict that is stored.
+    :func:`state_to_tree` / :func:`tree_to_state` convert a task's state to and from the plain dict that is stored.
     """
 
     def __init__(self, workdir: str, keep: int, *, use_async: bool = True):
@@ -247,11 +249,11 @@ class Checkpointer:
 
     # -- save
     def save(self, state, data_states: dict, config) -> None:
-        """Start an async save of ``state`` (a TrainState) at ``int(state.step)`` with the data states and config.
+        """Start an async save of ``state`` (a task's state) at its ``step`` with the data states and config.
 
         On the CPU backend the arrays are first copied (the train step donates its input buffers).
         """
-        step = int(jax.device_get(state.step))
+        step = int(jax.device_get(state_to_tree(state)['step']))
         if step == self._last_saved or step in self.steps():
             return  # already saved (the final save right after a periodic one, or the step we resumed from)
         self._last_saved = step
@@ -277,7 +279,7 @@ class Checkpointer:
 
     # -- restore
     def restore_step(self, step: int, abstract_state):
-        """(TrainState, data dict, meta dict) of checkpoint ``step``, laid out as ``abstract_state``'s shardings.
+        """(state, data dict, meta dict) of checkpoint ``step``, laid out as ``abstract_state``'s shardings.
 
         Raises CheckpointError when a file is missing, truncated or its fingerprint does not match.
         """
@@ -303,7 +305,7 @@ class Checkpointer:
         return tree_to_state(abstract_state, tree), data, meta
 
     def restore_latest(self, abstract_state):
-        """Restore the newest usable checkpoint: (TrainState, data dict, meta dict), or None if there is none.
+        """Restore the newest usable checkpoint: (state, data dict, meta dict), or None if there is none.
 
         Unusable newer checkpoints are reported with a warning and moved to ``workdir/corrupt_checkpoints``
         once an older one has restored; if none restores, raises CheckpointError and moves nothing.
@@ -379,12 +381,18 @@ def _one_line(e: BaseException) -> str:
 
 
 def state_to_tree(state) -> dict:
-    """TrainState (or its abstract twin) -> the stored dict {step, params, ema, opt_state, buffers, nonfinite}."""
-    return {name: getattr(state, name) for name in ('step', 'params', 'ema', 'opt_state', 'buffers', 'nonfinite')}
+    """A task's state (or its abstract twin) -> the stored dict: a dict as it is, a flax struct as {field: value}
+    (e.g. {step, params, ema, opt_state, buffers, nonfinite}; the fields keep their own containers, so the stored
+    paths are those of the state)."""
+    if isinstance(state, dict):
+        return dict(state)
+    return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
 
 
 def tree_to_state(template, tree: dict):
-    """The stored dict back into ``template``'s TrainState class."""
+    """The stored dict back into ``template``'s type (a dict, or the flax struct's class)."""
+    if isinstance(template, dict):
+        return {name: tree[name] for name in template}
     return template.replace(**tree)
 
 

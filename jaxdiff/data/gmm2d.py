@@ -1,21 +1,18 @@
-"""``data.source = 'gmm2d'``: points of the 8-mode 2-D ring mixture (jaxdiff.toy) as a grain pipeline.
+"""``data.source = 'gmm2d'``: points of the 8-mode 2-D ring mixture (jaxdiff.toy) as a data source.
 
 Points are carried as 1x1 two-channel "images" (B, 1, 1, 2) in the mixture's own units (radius 4, std 0.3), so
-the training step, the losses and the samplers need no special case; the label is the mode index (8 classes).
+the training step, the losses and the samplers need no special case (jaxdiff.data.make_iterator reads it
+like any source, without the uint8 -> [-1, 1] conversion); the label is the mode index (8 classes).
 The fixed training set of :data:`NUM_POINTS` points is drawn from the data seed; order and host sharding follow
 the image pipeline (shard -> per-epoch shuffle -> repeat -> batch).
 """
 from __future__ import annotations
 
-from typing import Any
-
-import grain
 import jax
 import numpy as np
 
 from jaxdiff import toy
-from jaxdiff.data import DatasetInfo
-from jaxdiff.data.pipeline import data_seed, host_batches
+from jaxdiff.data.sources import DatasetInfo
 
 NUM_POINTS = 16384
 NUM_MODES = 8
@@ -39,14 +36,9 @@ class PointSource:
         return dict(image=self.points[index].reshape(1, 1, 2), label=self.labels[index])
 
 
-def make_gmm2d_iterator(config: Any, *, global_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> tuple[grain.DatasetIterator, DatasetInfo]:
-    """Like :func:`jaxdiff.data.make_iterator` for ``config.source == 'gmm2d'``: yields dict(image=float32
-    (global_batch_size // process_count, 1, 1, 2), label=int32 (same,)); the state is JSON-serialisable."""
-    shuffle = data_seed(config, seed)
-    points, labels = toy.sample(ring(), jax.random.key(shuffle), NUM_POINTS)
+def make_gmm2d_source(seed: int) -> tuple[PointSource, DatasetInfo]:
+    """(source of dict(image=float32 (1, 1, 2), label=int32 ()), DatasetInfo) for ``data.source = 'gmm2d'``:
+    :data:`NUM_POINTS` points of :func:`ring` drawn from ``seed`` (the data seed)."""
+    points, labels = toy.sample(ring(), jax.random.key(seed), NUM_POINTS)
     source = PointSource(np.asarray(points, np.float32), np.asarray(labels, np.int32))
-    dataset = host_batches(source, global_batch_size=global_batch_size, seed=shuffle, process_index=process_index,
-                           process_count=process_count)
-    info = DatasetInfo(resolution=1, channels=2, num_classes=NUM_MODES, size=NUM_POINTS)
-    return iter(dataset.to_iter_dataset()), info
+    return source, DatasetInfo(resolution=1, channels=2, num_classes=NUM_MODES, size=NUM_POINTS)

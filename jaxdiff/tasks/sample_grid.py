@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import parallel, precond, solvers, transforms
-from jaxdiff.train.model import denoiser_fn
+from jaxdiff.nets.from_config import denoiser_fn
 
 MAX_CLASS_COLUMNS = 32  # beyond this many classes a grid is near-square (sorted by label), not one column each
 

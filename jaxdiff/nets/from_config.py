@@ -29,7 +29,7 @@ PRESETS = {
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PRECONDS = {'edm': precond.edm, 'vp': precond.vp, 've': precond.ve}
-TASKS = ('denoiser', 'noisy_classifier', 'adversarial')  # adversarial: jaxdiff.robust.trainer (own config)
+TASKS = ('denoiser', 'noisy_classifier')  # the tasks of this config schema (jaxdiff.tasks.registry has all)
 
 
 def is_classifier(config) -> bool:

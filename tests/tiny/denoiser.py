@@ -1,4 +1,4 @@
-"""A tiny, fast training config for the train-loop / CLI tests: digits at 8x8, a 16-channel one-level SongUNet."""
+"""The tiny denoiser: digits at 8x8, a 16-channel one-level SongUNet (train-loop, CLI and task tests)."""
 from jaxdiff.config import base_config, locked
 
 
@@ -6,11 +6,11 @@ def get_config():
     c = base_config()
     c.seed = 0                      # PRNG seed
     c.batch_size = 16               # global batch (divisible by 8 fake devices and by 2 processes)
-    c.total_steps = 40              # steps
+    c.total_steps = 20              # steps
     c.checkpoint_every = 10         # checkpoint every 10 steps
     c.keep_checkpoints = 3          # keep 3
     c.log_every = 10                # progress line every 10 steps
-    c.sample_every = 0              # no sample grids (tests that want them override)
+    c.sample_every = 20             # one sample grid, at the end
     c.data.source = 'digits'        # embedded digits
     c.data.use_labels = True        # conditional (exercises labels + label dropout)
     c.model.arch = 'ddpmpp'         # SongUNet
