@@ -10,7 +10,7 @@ def get_config():
     c.batch_size = 16               # divisible by 8 devices and 2 processes
     c.generated_fraction = 0.0      # real data only
     c.total_steps = 20              # steps
-    c.checkpoint_every = 5          # checkpoints at 5, 10, 15, 20
+    c.checkpoint_every = 10         # checkpoints at 10 and 20
     c.keep_checkpoints = 5          # keep them all
     c.log_every = 10                # progress lines
     c.data.real.source = 'digits'   # scikit-learn's digits

@@ -7,9 +7,9 @@ def get_config():
     c.base_run = ''                 # the tiny class-conditional run to fine-tune (set by the test)
     c.batch_size = 8                # global batch (divisible by 8 fake devices and by 2 processes)
     c.total_steps = 20              # steps
-    c.checkpoint_every = 5          # checkpoint every 5 steps
+    c.checkpoint_every = 10         # checkpoint every 10 steps
     c.keep_checkpoints = 2          # keep 2
-    c.log_every = 5                 # progress line every 5 steps
+    c.log_every = 10                # progress line every 10 steps
     c.lam = 1e-3                    # exercise the regulariser
     c.prior = 8                     # exercise the prior term (the picks) ...
     c.prior_source = 'data'         # ... on the embedded digits (no sampling at setup)

@@ -11,8 +11,8 @@ def get_config():
     c.l2_wait = 4                   # short wait ...
     c.l2_ramp = 8                   # ... and ramp, so the l2 term (and its counter in the state) matters
     c.l2_start_acc = 0.55           # reached early
-    c.log_every = 5                 # progress line every 5 steps
-    c.checkpoint_every = 5          # checkpoint every 5 steps
+    c.log_every = 10                # progress line every 10 steps
+    c.checkpoint_every = 10         # checkpoint every 10 steps
     c.keep_checkpoints = 3          # keep 3
     c.optim.lr = 1e-3               # lr
     c.model.encoder_widths = (8, 8, 16, 16)  # U-Net at 8x8: 3 downsamplings
