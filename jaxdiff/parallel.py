@@ -97,6 +97,13 @@ def fsdp_shardings(mesh: Mesh, tree) -> object:
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp)), tree)
 
 
+def host_rows(global_batch: int) -> slice:
+    """This process's rows [p B / P, (p + 1) B / P) of a global batch of B rows (P processes, p this one's index):
+    the rows every step-indexed data source loads here."""
+    local = global_batch // jax.process_count()
+    return slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+
+
 def host_to_global(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble each process's local batch (dict of (B_local, ...) numpy) into global arrays (B_global, ...).
 

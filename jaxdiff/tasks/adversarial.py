@@ -214,8 +214,7 @@ class StreamBatches:
     batch of each step (real + generated, step-indexed: the order depends on (seed, step, data) alone)."""
 
     def __init__(self, batches: mixed_data.MixedBatches, batch_size: int):
-        local = batch_size // jax.process_count()
-        self.batches, self.rows = batches, slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        self.batches, self.rows = batches, parallel.host_rows(batch_size)
         self.position = 0
 
     def batch(self, step: int) -> dict:

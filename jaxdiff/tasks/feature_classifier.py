@@ -112,8 +112,7 @@ class EpochBatches:
         self.images, self.labels, self.batch_size, self.fingerprint = images, labels, batch_size, fingerprint
         self.steps_per_epoch = len(images) // batch_size
         self.rng, self.orders = np.random.default_rng(seed), []
-        local = batch_size // jax.process_count()
-        self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        self.rows = parallel.host_rows(batch_size)
 
     def order(self, epoch: int) -> np.ndarray:
         """(N,) int64: the permutation epoch ``epoch`` visits the images in."""

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxdiff import parallel
 from jaxdiff.engine.task import RunKeys, Setup
 from jaxdiff.watermark.codec import WatermarkCodec, codec_from_config
 
@@ -200,9 +201,8 @@ class CodecBatches:
     size (a resume on data of another size warns: its order differs)."""
 
     def __init__(self, source, batch_size: int, seed: int):
-        local = batch_size // jax.process_count()
         self.source, self.batch_size, self.seed = source, batch_size, seed
-        self.rows = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+        self.rows = parallel.host_rows(batch_size)
         self.position = 0
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
