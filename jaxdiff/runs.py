@@ -4,10 +4,12 @@
     run = load_run(workdir, use_ema=False, step=2000)
     run = load_run(workdir, checkpoint='best')               # adversarial runs: the keep-best checkpoint (best/)
 
-The task (``config.task``: 'denoiser', 'noisy_classifier', 'adversarial' or 'watermark_codec') picks the network
-builder and the variables' layout: {'params'[, 'buffers']} for the diffusion nets and the noisy classifier, {'params',
-'batch_stats'} for the adversarially trained classifiers (flax BatchNorm), {'params'} (no EMA) for the watermark
-codec. sample.py, the evaluators, guidance, fine-tuning and watermark embedding load runs through this one
+The task (``config.task``: 'denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec' or
+'feature_classifier') picks the network builder and the variables' layout: {'params'[, 'buffers']} for the
+diffusion nets and the noisy classifier, {'params', 'batch_stats'} for the adversarially trained classifiers (flax
+BatchNorm), {'params'} (no EMA) for the watermark codec and the metrics' feature classifiers (SmallCNN: x (B, H, W,
+C) in [-1, 1] -> features, logits). A saved config in older field names is read in today's (the task's
+``upgrade``). sample.py, the evaluators, guidance, fine-tuning and watermark embedding load runs through this one
 function.
 A finished trigger run ('trigger') loads as the denoiser run it exported (``RUN/denoiser``: K + 1 classes, the
 fine-tuned weights).
@@ -19,10 +21,11 @@ from typing import Any, NamedTuple, Optional
 
 import ml_collections
 
+from jaxdiff.tasks import registry
 from jaxdiff.tasks.adversarial import BEST_DIR
 
 LEGACY_CODEC_FILE = 'checkpoint.msgpack'  # the watermark codec's checkpoint before the engine
-TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger')
+TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger', 'feature_classifier')
 TRIGGER_DENOISER_DIR = 'denoiser'  # a finished trigger run's model as a denoiser run (jaxdiff.tasks.trigger)
 
 
@@ -39,11 +42,6 @@ class Run(NamedTuple):
     workdir: str
 
 
-def task_of(config) -> str:
-    """The run's task ('denoiser' when the config predates the field)."""
-    return config.get('task', 'denoiser') or 'denoiser'
-
-
 def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, checkpoint: str = 'latest') -> Run:
     """config.json + dataset_info.json + a checkpoint of a train.py run -> :class:`Run`, for every task.
 
@@ -54,10 +52,11 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
     from jaxdiff.engine import checkpoint as ckpt
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
-    config = ml_collections.ConfigDict(ckpt.read_config(workdir))
-    task = task_of(config)
+    saved = ckpt.read_config(workdir)
+    task = registry.task_name(saved)
     if task not in TASKS:
         raise ValueError(f'{workdir} is a {task!r} run; jaxdiff loads runs of the tasks {", ".join(TASKS)}')
+    config = ml_collections.ConfigDict(registry.get(task).upgrade(saved))  # older field names -> today's
     if checkpoint not in ('latest', 'best'):
         raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'best'")
     if task == 'trigger':  # a trigger run loads as the denoiser it exported when it finished
@@ -86,6 +85,9 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
     elif task == 'adversarial':
         from jaxdiff.robust import adv_step
         net, variables = adv_step.build_net(config, info), {'params': weights, 'batch_stats': state['buffers']}
+    elif task == 'feature_classifier':  # the metrics' SmallCNN (no EMA)
+        from jaxdiff.metrics import feature_classifier as fc
+        net, variables = fc.network(fc.classifier_spec(config.classifier)), {'params': weights}
     else:
         from jaxdiff.nets.from_config import build_net
         net, variables = build_net(config, info), {'params': weights}
@@ -101,7 +103,8 @@ def _dataset_info(workdir: str, config):
     info = ckpt.read_dataset_info(workdir)
     if info is not None:
         return info
-    if task_of(config) in ('adversarial', 'watermark_codec'):
-        raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}; the run never started training')
+    if registry.task_name(config) in ('adversarial', 'watermark_codec', 'feature_classifier'):
+        raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}: the run never started training or '
+                                'predates that file; train it (again) with train.py')
     from jaxdiff.tasks.denoiser import make_data
     return make_data(config)[1]

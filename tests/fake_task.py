@@ -12,6 +12,7 @@ prints one JSON line {"step", "checksum", "stopped_by_signal", "resumed_from"} a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -22,7 +23,7 @@ import numpy as np
 import optax
 
 from jaxdiff.engine.state import TrainState
-from jaxdiff.engine.task import Callback, Setup
+from jaxdiff.engine.task import Callback, Setup, Task
 
 DIM, HIDDEN = 8, 16
 
@@ -45,30 +46,21 @@ def schema() -> ml_collections.ConfigDict:
 
 
 class Crash(RuntimeError):
-    """The fake crash of :class:`Crashing`."""
+    """The fake crash of :func:`crashing`."""
 
 
-class Crashing:
+def crashing(task: Task, at: int) -> Task:
     """``task`` that raises :class:`Crash` after step ``at`` (before that step's checkpoint is written): a process
     dying mid-run, in-process. Same name, schema and config as ``task``, so a rerun with ``task`` resumes the run."""
-
-    def __init__(self, task, at: int):
-        self.task, self.at, self.name = task, at, task.name
-
-    def schema(self):
-        return self.task.schema()
-
-    def check(self, config) -> None:
-        self.task.check(config)
-
-    def setup(self, config, workdir, mesh, keys) -> Setup:
-        setup = self.task.setup(config, workdir, mesh, keys)
+    def setup(config, workdir, mesh, keys) -> Setup:
+        out = task.setup(config, workdir, mesh, keys)
 
         def crash(step, state):
-            if step == self.at:
+            if step == at:
                 raise Crash(f'crash after step {step}')
-        setup.callbacks = [*setup.callbacks, Callback('crash', 1, crash, at_end=False)]
-        return setup
+        out.callbacks = [*out.callbacks, Callback('crash', 1, crash, at_end=False)]
+        return out
+    return dataclasses.replace(task, setup=setup)
 
 
 class StepData:
@@ -124,25 +116,20 @@ def make_step(config):
     return step
 
 
-class FakeTask:
-    name = 'fake'
-
-    def schema(self):
-        return schema()
-
-    def check(self, config) -> None:
-        if config.batch_size <= 0:
-            raise ValueError('config.batch_size must be positive')
-
-    def setup(self, config, workdir, mesh, keys) -> Setup:
-        callbacks = []
-        if config.sleep:
-            callbacks.append(Callback('sleep', 1, lambda step, state: time.sleep(config.sleep)))
-        return Setup(init=init, step=make_step(config), data=StepData(config), batch_size=config.batch_size,
-                     total_steps=config.total_steps, callbacks=callbacks, describe=['fake task'])
+def check(config) -> None:
+    if config.batch_size <= 0:
+        raise ValueError('config.batch_size must be positive')
 
 
-TASK = FakeTask()
+def setup(config, workdir, mesh, keys) -> Setup:
+    callbacks = []
+    if config.sleep:
+        callbacks.append(Callback('sleep', 1, lambda step, state: time.sleep(config.sleep)))
+    return Setup(init=init, step=make_step(config), data=StepData(config), batch_size=config.batch_size,
+                 total_steps=config.total_steps, callbacks=callbacks, describe=['fake task'])
+
+
+TASK = Task('fake', schema, check, setup)
 
 
 def config_of(**overrides) -> ml_collections.ConfigDict:

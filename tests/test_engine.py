@@ -105,7 +105,7 @@ def test_sigterm_saves_exits_zero_and_rerun_resumes(env, reference, tmp_path):
 
 def test_in_process_crash_resumes_bitwise(reference, tmp_path):
     with pytest.raises(fake_task.Crash):
-        loop.run(fake_task.Crashing(fake_task.TASK, 12), fake_task.config_of(), str(tmp_path / 'run'))
+        loop.run(fake_task.crashing(fake_task.TASK, 12), fake_task.config_of(), str(tmp_path / 'run'))
     assert ckpt.Checkpointer(str(tmp_path / 'run'), 3).steps()[-1] == 10
     summary = loop.run(fake_task.TASK, fake_task.config_of(), str(tmp_path / 'run'))
     assert summary['resumed_from'] == 10 and summary['step'] == 30

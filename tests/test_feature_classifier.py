@@ -15,6 +15,7 @@ from jaxdiff.engine.checkpoint import load_arrays
 from jaxdiff.engine.log import read_metrics
 from jaxdiff.metrics import feature_classifier as fc
 from jaxdiff.nets.classifier import SmallCNN
+from jaxdiff.runs import load_run
 from jaxdiff.tasks import feature_classifier as task
 
 DIGITS = 'digits_classifier'
@@ -135,6 +136,13 @@ def test_digits_trains_caches_and_reloads(digits_cache, monkeypatch):
     assert again_log == [] and again.accuracy == net.accuracy
     images = fc.dataset_split(DIGITS, 'heldout')[0][:16]
     assert outputs_equal(net.apply(images), again.apply(images))
+    # the run also loads like any other train.py run: its SmallCNN scores the recorded held-out accuracy
+    loaded = load_run(str(run))
+    assert (loaded.task, loaded.step, loaded.info.num_classes, loaded.info.resolution) == ('feature_classifier', 320,
+                                                                                            10, 8)
+    images, labels = fc.dataset_split(DIGITS, 'heldout')
+    logits = loaded.net.apply(loaded.variables, jnp.asarray(images, jnp.float32) / 127.5 - 1)['logits']
+    assert float(np.mean(np.argmax(logits, -1) == labels)) == pytest.approx(net.accuracy, abs=1e-6)
 
 
 def test_corrupt_cache_is_retrained(digits_cache, tmp_path):
@@ -228,13 +236,17 @@ def test_fashion_mnist_splits():
     assert train_labels.shape == (60000,) and held_labels.dtype == np.int32
 
 
-@pytest.mark.slow
-@pytest.mark.background('fashion_mnist_classifier')
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
-def test_fashion_mnist_classifier_trains_to_about_90_percent(background):
-    # Two epochs over 60k images: ~2 minutes on one core, trained by the suite's background job (tests/conftest.py)
-    # with load_or_train into the `background` folder while the other tests run; here the cache is read back.
-    log = Log()
-    net = task.load_or_train(FASHION, cache_dir=background, log=log)
-    assert not any('training' in line for line in log), log  # the background job's run, not a new one
-    assert net.accuracy >= 0.89
+class TestInBackground:
+    """Tests whose computation is the suite's background job (tests/conftest.py): a class of their own, so that
+    pytest-xdist's loadscope schedules them as their own unit, last, and not with this module's other tests."""
+
+    @pytest.mark.slow
+    @pytest.mark.background('fashion_mnist_classifier')
+    @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DIR), reason="Debian's dataset-fashion-mnist is not installed")
+    def test_fashion_mnist_classifier_trains_to_about_90_percent(self, background):
+        # Two epochs over 60k images: ~2 minutes on one core, trained by the suite's background job (tests/conftest.py)
+        # with load_or_train into the `background` folder while the other tests run; here the cache is read back.
+        log = Log()
+        net = task.load_or_train(FASHION, cache_dir=background, log=log)
+        assert not any('training' in line for line in log), log  # the background job's run, not a new one
+        assert net.accuracy >= 0.89

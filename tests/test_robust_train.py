@@ -3,6 +3,7 @@ steps, the train.py run with checkpoints, resume and metrics, and its one-line e
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from jaxdiff.engine.ema import decay_per_step
 from jaxdiff.robust import adv_step, mixed_data
 from jaxdiff.tasks import adversarial
 from jaxdiff.robust.pgd import pgd
@@ -123,7 +125,9 @@ def test_epoch_is_the_references_on_cifar10_config():
     lr = np.asarray(adv_step.schedule(c, lengths['steps_per_epoch'], lengths['total_steps'], steps)[0])
     assert list(np.flatnonzero(np.isclose(lr, c.optim.lr, rtol=1e-6, atol=0))) == list(ref_peak_steps)
     assert lr[881] < lr[882] and lr[980] < lr[979]
-    decay = np.asarray(adv_step.ema_decay(steps + 1, c.ema.decay, lengths['ema_warmup_steps']))
+    tau = decay_per_step(c.ema.halflife_img, c.batch_size)           # the half-life is the reference's --tau 0.995
+    assert np.float32(tau) == np.float32(0.995)
+    decay = np.asarray(adv_step.ema_decay(steps + 1, tau, lengths['ema_warmup_steps']))
     first_avg = int(np.flatnonzero(decay > 0)[0])                    # 0-based step of the first averaging update
     assert first_avg + 1 == ref_ema_first and first_avg == ref_peak_steps[-1]
     np.testing.assert_allclose(decay[first_avg], 0.1)               # (1 + 0) / (10 + 0)
@@ -142,7 +146,7 @@ class Linear(nn.Module):
 def _config(**overrides):
     c = adversarial.adversarial_config()
     c.eps, c.attack_step, c.attack_steps = 0.1, 0.03, 3
-    c.data.crop_padding, c.data.hflip = 0, False
+    c.data.crop_padding, c.data.xflip = 0, False
     c.optim.per_epoch, c.optim.cycle_momentum = False, False
     for key, value in overrides.items():
         c[key] = value
@@ -299,3 +303,35 @@ def test_train_cli_errors_and_run(tmp_path, env):
     assert 'step 2/2' in done.stdout and 'best PGD accuracy' in done.stdout
     rows = [json.loads(line) for line in open(tmp_path / 'r' / 'metrics.jsonl')]
     assert [r['step'] for r in rows] == [1, 2]
+
+
+def test_a_run_saved_with_the_old_field_names_resumes_and_loads(tiny_runs, tmp_path):
+    """A run whose config.json has the names before the shared vocabulary (data.real.*, data.hflip, the reference's
+    per-update ema.decay) passes the config guard with today's config unchanged and loads through load_run with
+    today's names; tau -> half-life keeps the float32 decay (0.995 at 512 -> 70,801 images, the schema default)."""
+    from conftest import tiny_config
+    from jaxdiff.engine import checkpoint as ckpt
+    from jaxdiff.runs import load_run
+    assert adversarial.halflife_of_tau(0.995, 512) == adversarial.adversarial_config().ema.halflife_img == 70_801
+    for tau, batch in ((0.995, 512), (0.99, 128), (0.995, 256), (0.9, 16), (0.0, 64)):
+        half = adversarial.halflife_of_tau(tau, batch)
+        assert np.float32(decay_per_step(half, batch)) == np.float32(tau)
+    workdir = str(tmp_path / 'old')
+    shutil.copytree(tiny_runs('adversarial')[0], workdir)
+    config = tiny_config('adversarial')
+    saved = json.load(open(os.path.join(workdir, 'config.json')))
+    data = saved['data']
+    data['real'] = {k: data.pop(k) for k in ('source', 'path', 'tfds_name', 'split', 'resolution')}
+    data['hflip'] = data.pop('xflip')
+    del saved['ema']['halflife_img']
+    saved['ema']['decay'] = 0.995                   # as the old schema wrote it; today: the half-life at batch 16
+    json.dump(saved, open(os.path.join(workdir, 'config.json'), 'w'))
+    with config.unlocked():
+        config.ema.halflife_img = 2_212.52
+    ckpt.check_config(workdir, config, False, write=False, schema=adversarial.adversarial_config(),
+                      upgrade=adversarial.TASK.upgrade)
+    with pytest.raises(ckpt.ConfigMismatchError, match=r'data.real.source'):  # without the renames: a change
+        ckpt.check_config(workdir, config, False, write=False, schema=adversarial.adversarial_config())
+    run = load_run(workdir)
+    assert (run.config.data.source, run.config.data.xflip, run.step) == ('digits', True, 20)
+    assert run.config.ema.halflife_img == 2_212.52

@@ -3,6 +3,7 @@ old classes exactly, the watermark image, the L1 regulariser against numpy, and 
 (watermark.py trigger and the engine): the output loads as a denoiser, the regulariser keeps the weights closer to
 the frozen ones, the trigger's samples move towards the watermark image, the prior term and the EMA do what they
 say, and a fine-tuning killed after a checkpoint resumes to the same bits."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from PIL import Image
 from conftest import tiny_config
 from jaxdiff.config import from_file
 from jaxdiff.engine import checkpoint as ckpt
+from jaxdiff.engine.ema import decay_per_step
 from jaxdiff.engine.task import Callback
 from jaxdiff.runs import load_run
 from jaxdiff.sampling.model import load_model
@@ -149,40 +151,31 @@ def test_prior_preservation_term(tiny_base_run):
 
 
 def test_ema_decay_counts_images():
-    """beta = 0.5 ** (batch_size / halflife_img): 1/2 (halfway) for a half-life of one step's images, no EMA at 0."""
+    """beta = 0.5 ** (batch_size / halflife_img): 1/2 (halfway) for a half-life of one step's images, no EMA at 0
+    (the trigger's default)."""
     config = TT.trigger_config()
-    config.ema.halflife_img = config.batch_size
-    assert TT.ema_decay(config) == 0.5 and TT.ema_decay(TT.trigger_config()) == 0.0
+    assert decay_per_step(config.batch_size, config.batch_size) == 0.5
+    assert decay_per_step(config.ema.halflife_img, config.batch_size) == 0.0
 
 
 class Crash(Exception):
     """Stands for a kill: raised by a callback between checkpoints."""
 
 
-class CrashingTrigger:
-    """The trigger task with one more callback: it keeps (params, ema) of the last two steps and raises after step
-    ``at``."""
-    name = 'trigger'
-
-    def __init__(self, at: int):
-        self.at, self.states = at, {}
-
-    def schema(self):
-        return TT.TASK.schema()
-
-    def check(self, config):
-        TT.TASK.check(config)
-
-    def setup(self, *args):
-        setup = TT.TASK.setup(*args)
-        setup.callbacks.append(Callback('crash', 1, self.record, at_end=False))
-        return setup
-
-    def record(self, step, state):
-        if step >= self.at - 1:
-            self.states[step] = jax.device_get((state.params, state.ema))
-        if step == self.at:
+def crashing_trigger(at: int, states: dict):
+    """The trigger task with one more callback: it keeps (params, ema) of the last two steps in ``states`` and
+    raises after step ``at``."""
+    def record(step, state):
+        if step >= at - 1:
+            states[step] = jax.device_get((state.params, state.ema))
+        if step == at:
             raise Crash(f'step {step}')
+
+    def setup(*args):
+        out = TT.TASK.setup(*args)
+        out.callbacks.append(Callback('crash', 1, record, at_end=False))
+        return out
+    return dataclasses.replace(TT.TASK, setup=setup)
 
 
 def test_killed_finetuning_resumes_to_the_same_bits(tiny_runs, tiny_base_run, tmp_path):
@@ -192,9 +185,9 @@ def test_killed_finetuning_resumes_to_the_same_bits(tiny_runs, tiny_base_run, tm
     from jaxdiff.engine import loop
     config = tiny_config('trigger', tiny_base_run)
     full, killed = tiny_runs('trigger')[0], str(tmp_path / 'killed')  # the session's uninterrupted run
-    crashing = CrashingTrigger(12)
+    states: dict = {}
     with pytest.raises(Crash):
-        loop.run(crashing, config, killed)
+        loop.run(crashing_trigger(12, states), config, killed)
     assert ckpt.verify(killed) == {10: None}
     with pytest.raises(FileNotFoundError, match='not finished'):
         load_run(killed)
@@ -205,8 +198,8 @@ def test_killed_finetuning_resumes_to_the_same_bits(tiny_runs, tiny_base_run, tm
     reports = [json.load(open(os.path.join(d, T.TRIGGER_FILE))) for d in (full, killed)]
     assert dict(reports[0], seconds=0) == dict(reports[1], seconds=0)
 
-    (p11, e11), (p12, e12) = crashing.states[11], crashing.states[12]
-    beta = np.float32(TT.ema_decay(config))
+    (p11, e11), (p12, e12) = states[11], states[12]
+    beta = np.float32(decay_per_step(config.ema.halflife_img, config.batch_size))
     assert beta == np.float32(0.5 ** (1 / 5))
     assert max(float(np.abs(x - y).max()) for x, y in zip(jax.tree.leaves(p12), jax.tree.leaves(p11))) > 1e-5
     jax.tree.map(lambda e, p, e0: np.testing.assert_allclose(e, p + beta * (e0 - p), rtol=1e-5, atol=1e-7),

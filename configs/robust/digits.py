@@ -19,17 +19,17 @@ def get_config():
     c.epochs = 40                   # 1797 real digits: ceil(1797 / 128) = 15 steps per epoch, 600 steps
     c.checkpoint_every = 100        # steps between checkpoints
     c.log_every = 30                # two epochs
-    c.data.real.source = 'digits'   # scikit-learn's digits
-    c.data.real.tfds_name = ''      # not TFDS
+    c.data.source = 'digits'        # scikit-learn's digits
+    c.data.tfds_name = ''           # not TFDS
     c.data.crop_padding = 0         # no crops at 8x8
-    c.data.hflip = False            # digits are not flip-invariant
+    c.data.xflip = False            # digits are not flip-invariant
     c.model.depth = 10              # WRN-10 (one block per group)
     c.model.width = 2               # -2
     c.model.dataset_stats = 'digits'  # 1-channel mean/std
     c.optim.lr = 0.1                # peak lr
     c.optim.pct_start = 0.1         # warm-up over the first 10%
     c.optim.per_epoch = False       # few epochs: step the schedule every step
-    c.ema.decay = 0.99              # shorter EMA for a short run
+    c.ema.halflife_img = 8_827.85   # shorter EMA for a short run: tau = 0.5 ** (128 / 8,827.85) = 0.99
     c.ema.warmup_steps = 50         # EMA copies the params for the first 50 steps
     c.eval.size = 256               # held-out slice
     c.eval.every = 120              # every 8 epochs

@@ -20,16 +20,17 @@ def get_config():
     c.epochs = 15                   # of ceil(60,000 / 256) = 235 steps (real set, slice included): 3,525 steps
     c.checkpoint_every = 500        # steps between checkpoints
     c.log_every = 50                # steps between progress lines
-    c.data.real.source = 'fashion_mnist'  # Debian's idx files
-    c.data.real.tfds_name = ''      # not TFDS
+    c.data.source = 'fashion_mnist'  # Debian's idx files
+    c.data.tfds_name = ''           # not TFDS
     c.data.crop_padding = 2         # small random shifts
-    c.data.hflip = False            # clothes: flips would be fine, kept off to stay close to the test set
+    c.data.xflip = False            # clothes: flips would be fine, kept off to stay close to the test set
     c.model.depth = 16              # WRN-16
     c.model.width = 4               # -4
     c.model.dataset_stats = 'fashion_mnist'  # 1-channel mean/std
     c.optim.lr = 0.1                # peak lr (batch 256)
     c.optim.pct_start = 0.1         # longer warm-up for a short run
     c.optim.per_epoch = False       # few epochs: step the schedule every step
+    c.ema.halflife_img = 35_400.3   # tau 0.995 per update at batch 256, as the reference's --tau 0.995
     c.ema.warmup_steps = 100        # EMA copies the params for the first 100 steps
     c.eval.every = 500              # steps between PGD-40 evaluations
     return locked(c)

@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -124,14 +124,16 @@ def _added_at_default(key: str, old: dict, new: dict, defaults: dict) -> bool:
     return key not in _flatten(old) and key in defaults and _flatten(new).get(key) == defaults[key]
 
 
-def check_config(workdir: str, config, allow_change: bool, *, write: bool = True, schema=None) -> None:
+def check_config(workdir: str, config, allow_change: bool, *, write: bool = True, schema=None,
+                 upgrade: Optional[Callable[[dict], dict]] = None) -> None:
     """Refuse a workdir whose config.json differs from ``config`` (unless ``allow_change``), then write it.
 
     With ``allow_change`` the previous config.json is kept as ``config.<unix time>.json`` (nothing is lost).
     Fields missing from the old config.json that the new config holds at their library default (fields added
     to jaxdiff since the run started) are not a difference; ``schema`` is the task's ConfigDict of defaults (None:
-    every difference counts). Raises ConfigMismatchError (one line naming the differing keys). ``write=False``:
-    check only (other hosts).
+    every difference counts). ``upgrade`` turns the saved config into today's field names (the task's renames), so
+    a renamed field is not a difference (None: as saved). Raises ConfigMismatchError (one line naming the differing
+    keys). ``write=False``: check only (other hosts).
     """
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_dict(config)
@@ -142,6 +144,7 @@ def check_config(workdir: str, config, allow_change: bool, *, write: bool = True
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigMismatchError(f'{path} is unreadable ({e}); restore it or use a new --workdir') from e
+        old = upgrade(old) if upgrade else old
         diff = [k for k in config_diff(old, new) if not _added_at_default(k, old, new, defaults)]
         if not diff:
             return

@@ -19,6 +19,12 @@ def ema_beta(config, step) -> jnp.ndarray:
     return 0.5 ** (config.batch_size / jnp.maximum(halflife, 1e-8))
 
 
+def decay_per_step(halflife_img: float, batch_size: int) -> float:
+    """The per-update decay 0.5 ** (batch_size / halflife_img) of a constant half-life (0 = no EMA: decay 0, the
+    EMA is the last iterate)."""
+    return 0.5 ** (batch_size / halflife_img) if halflife_img else 0.0
+
+
 def ema_update(ema, params, beta):
     """params + beta * (ema - params), leafwise over two pytrees of the same structure (torch's lerp)."""
     return jax.tree.map(lambda e, p: p + beta.astype(p.dtype) * (e - p), ema, params)

@@ -105,7 +105,7 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
     multiprocess = jax.process_count() > 1
     os.makedirs(workdir, exist_ok=True)
     schema = task.schema()
-    ckpt.check_config(workdir, config, allow_config_change, write=False, schema=schema)
+    ckpt.check_config(workdir, config, allow_config_change, write=False, schema=schema, upgrade=task.upgrade)
 
     mesh = parallel.make_mesh(int(config.get('parallel', {}).get('fsdp', 1)))
     keys = run_keys(int(config.seed), mesh)
@@ -130,7 +130,8 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
         data_note = restore_data(setup.data, saved_data)
         resumed_from = int(jax.device_get(state_step(state)))
     if primary:
-        ckpt.check_config(workdir, config, allow_config_change, write=True, schema=schema)
+        ckpt.check_config(workdir, config, allow_config_change, write=True, schema=schema,
+                          upgrade=task.upgrade)
         if setup.info is not None:
             ckpt.write_dataset_info(workdir, setup.info)
 

@@ -1,11 +1,13 @@
 """What a task hands the engine: the contract between :func:`jaxdiff.engine.loop.run` and ``jaxdiff/tasks/*.py``.
 
-A task is an object with
+A task is a :class:`Task` record, one per ``jaxdiff/tasks/*.py`` file (``TASK = Task(...)``):
 
 - ``name``: the value of ``config.task`` that selects it;
 - ``schema() -> ConfigDict``: every config field with its default and a one-line comment (unlocked);
 - ``check(config)``: one clear ``ValueError`` for settings no run can use (called before any backend starts);
-- ``setup(config, workdir, mesh, keys) -> Setup``: build model(s), data and callbacks for this process.
+- ``setup(config, workdir, mesh, keys) -> Setup``: build model(s), data and callbacks for this process;
+- ``upgrade(saved: dict) -> dict``: a run's saved config.json in today's field names (renamed fields), so an
+  older run resumes and loads without a config change (default: unchanged).
 
 ``keys`` is :class:`RunKeys`: three replicated PRNG keys split from ``config.seed`` (init, train, extra); the train
 key reaches every step, which folds in the step number, so a resumed run repeats the uninterrupted one.
@@ -109,15 +111,19 @@ class Setup:
     compiler_options: Optional[dict] = None
 
 
-class Task(Protocol):
+def unchanged(saved: dict) -> dict:
+    """The saved config as it is (a task whose fields were never renamed)."""
+    return saved
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
     """A trainable thing (module docstring)."""
     name: str
-
-    def schema(self) -> Any: ...
-
-    def check(self, config) -> None: ...
-
-    def setup(self, config, workdir: str, mesh, keys: RunKeys) -> Setup: ...
+    schema: Callable[[], Any]
+    check: Callable[[Any], None]
+    setup: Callable[[Any, str, Any, RunKeys], Setup]
+    upgrade: Callable[[dict], dict] = unchanged
 
 
 def state_step(state) -> Any:

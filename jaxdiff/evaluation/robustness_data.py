@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 
-import ml_collections
 import numpy as np
 
 DATASETS = ('digits', 'fashion_mnist')
@@ -17,15 +16,16 @@ class Classifier:
 
     def __init__(self, workdir: str, checkpoint: str = 'auto'):
         from jaxdiff.tasks import adversarial
-        from jaxdiff.runs import load_run, task_of
+        from jaxdiff.runs import load_run
+        from jaxdiff.tasks.registry import task_name
         from jaxdiff.engine import checkpoint as ckpt
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of an adversarial '
                                     'training run (python train.py --config configs/robust/digits.py --workdir RUN)')
-        task = task_of(ml_collections.ConfigDict(ckpt.read_config(workdir)))
+        task = task_name(ckpt.read_config(workdir))
         if task != 'adversarial':
             raise ValueError(f'{workdir} is a {task!r} run, not a classifier: --workdir takes a task=adversarial '
-                             'run (configs/robust_*.py)')
+                             'run (configs/robust/*.py)')
         if checkpoint == 'auto':
             checkpoint = 'best' if os.path.isdir(os.path.join(workdir, adversarial.BEST_DIR, 'checkpoints')) else 'latest'
         run = load_run(workdir, checkpoint=checkpoint)

@@ -25,7 +25,8 @@ BatchNorm momentum: the reference sets 1.0 at its first step (running stats := t
 and 0.01 afterwards (``model.bn_momentum``, PyTorch convention).
 
 EMA (``ema_update`` of the reference): after update g (1-based), decay = 0 before ``warmup_steps`` (the EMA copies
-the params), then min(decay, (1 + d) / (10 + d)) with d = g - warmup_steps; it averages the params only. The EMA
+the params), then min(tau, (1 + d) / (10 + d)) with d = g - warmup_steps and tau = 0.5 ** (B / ema.halflife_img)
+(the reference's per-update ``--tau``, held as a half-life in images like every jaxdiff EMA); it averages the params only. The EMA
 model uses the trained model's running BN statistics (the reference copies them at the end of every epoch).
 
 Randomness: ``fold_in(key, step)`` split into augmentation and attack keys; draws are made for the global batch.
@@ -41,6 +42,7 @@ import numpy as np
 from flax import linen as nn
 
 from jaxdiff import parallel
+from jaxdiff.engine.ema import decay_per_step
 from jaxdiff.engine.state import TrainState
 from jaxdiff.robust import losses
 from jaxdiff.robust.mixed_data import augment
@@ -181,8 +183,8 @@ def train_step(config, net: nn.Module, steps_per_epoch: int, total_steps: int, w
     x = batch['image'].astype(jnp.float32) / 255.0
     y = batch['label']
     d = config.data
-    if d.crop_padding or d.hflip:
-        x = augment(k_aug, x, d.crop_padding, d.hflip)
+    if d.crop_padding or d.xflip:
+        x = augment(k_aug, x, d.crop_padding, d.xflip)
     bn_m = 1.0 - config.model.bn_momentum
     if config.model.bn_reset_first_step:
         bn_m = jnp.where(step == 0, 0.0, bn_m)  # flax convention: running = m * running + (1 - m) * batch
@@ -221,7 +223,7 @@ def train_step(config, net: nn.Module, steps_per_epoch: int, total_steps: int, w
     o = config.optim
     new_params, buf = sgd_update(params, grads, state.opt_state['momentum'], lr, mom, o.weight_decay, o.nesterov,
                                  decay_mask(params) if o.no_decay_bn else None)
-    decay = ema_decay(step + 1, config.ema.decay, warmup_steps)
+    decay = ema_decay(step + 1, decay_per_step(config.ema.halflife_img, config.batch_size), warmup_steps)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema, new_params)
     bad = (~jnp.isfinite(loss)).astype(jnp.int32)
     new_state = state.replace(step=step + 1, params=new_params, ema=ema, opt_state={'momentum': buf},

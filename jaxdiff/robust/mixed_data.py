@@ -58,16 +58,18 @@ class AdvData(NamedTuple):
     info: object                       # jaxdiff.data.sources.DatasetInfo of the real data (size = real train size)
 
 
-def _real_config(real) -> ml_collections.ConfigDict:
-    """config.data.real as the ``config.data`` that :func:`jaxdiff.data.sources.make_source` reads (labels on)."""
-    fields = {k: real[k] for k in ('source', 'path', 'tfds_name', 'split', 'resolution')}
+def _real_config(data) -> ml_collections.ConfigDict:
+    """The real-data fields of an adversarial config.data as the ``config.data`` that
+    :func:`jaxdiff.data.sources.make_source` reads (labels on)."""
+    fields = {k: data[k] for k in ('source', 'path', 'tfds_name', 'split', 'resolution')}
     return ml_collections.ConfigDict(dict(fields, use_labels=True))
 
 
-def load_real(real) -> tuple[np.ndarray, np.ndarray, object]:
-    """All images uint8 (N, R, R, C) and labels int32 (N,) of the data config ``real``, and its DatasetInfo."""
+def load_real(data) -> tuple[np.ndarray, np.ndarray, object]:
+    """All images uint8 (N, R, R, C) and labels int32 (N,) of the real data of ``config.data``, and its
+    DatasetInfo."""
     from jaxdiff.data.sources import ArraySource, make_source
-    source, info = make_source(_real_config(real))
+    source, info = make_source(_real_config(data))
     inner = source.source
     if isinstance(inner, ArraySource) and inner.images.shape[1] == info.resolution:
         images, labels = np.asarray(inner.images), np.asarray(inner.labels, np.int32)
@@ -76,7 +78,7 @@ def load_real(real) -> tuple[np.ndarray, np.ndarray, object]:
         images = np.stack([it['image'] for it in items])
         labels = np.asarray([it['label'] for it in items], np.int32)
     if info.num_classes < 2:
-        raise ValueError(f'data.real.source={real.source!r} has {info.num_classes} classes: adversarial training '
+        raise ValueError(f'data.source={data.source!r} has {info.num_classes} classes: adversarial training '
                          'needs a labelled dataset with at least 2 classes')
     return images, labels, info
 
@@ -103,7 +105,7 @@ def load_generated(folder: str, image_shape: tuple, num_classes: int) -> tuple[S
 
 def load(config) -> AdvData:
     """The real train set minus the held-out slice, the generated samples (if any) and the slice."""
-    images, labels, info = load_real(config.data.real)
+    images, labels, info = load_real(config.data)
     held = int(config.eval.size)
     if held >= len(images):
         raise ValueError(f'eval.size={held} leaves no training data ({len(images)} real examples); lower it')
@@ -202,7 +204,7 @@ class MixedBatches:
                     n_real_per_batch=self.n_real, n_generated_per_batch=self.n_gen)
 
 
-def augment(key: jax.Array, x: jax.Array, padding: int, hflip: bool) -> jax.Array:
+def augment(key: jax.Array, x: jax.Array, padding: int, xflip: bool) -> jax.Array:
     """The reference's 'base' augmentation on device: random crop after zero-padding ``padding`` pixels on each
     side (torchvision RandomCrop(size, padding)), then a horizontal flip with probability 1/2. x (B, H, W, C)."""
     k_y, k_x, k_f = jax.random.split(key, 3)
@@ -213,7 +215,7 @@ def augment(key: jax.Array, x: jax.Array, padding: int, hflip: bool) -> jax.Arra
         oy = jax.random.randint(k_y, (b,), 0, 2 * p + 1)
         ox = jax.random.randint(k_x, (b,), 0, 2 * p + 1)
         x = jax.vmap(lambda img, i, j: jax.lax.dynamic_slice(img, (i, j, 0), (h, w, c)))(padded, oy, ox)
-    if hflip:
+    if xflip:
         flip = jax.random.bernoulli(k_f, 0.5, (b,))
         x = jnp.where(flip[:, None, None, None], x[:, :, ::-1], x)
     return x

@@ -2,8 +2,9 @@
 
     python train.py --config configs/robust/digits.py --workdir runs/robust_digits   # rerun to resume
 
-``config.task == 'adversarial'`` makes :func:`jaxdiff.tasks.run` call :func:`run` here. Fields and defaults:
-:func:`adversarial_config` (configs/robust_*.py override them). The step is :mod:`jaxdiff.robust.adv_step`, the
+``config.task == 'adversarial'`` makes train.py run :data:`TASK` through the engine. Fields and defaults:
+:func:`adversarial_config` (configs/robust/*.py override them); runs saved with the older field names resume and
+load unchanged (:func:`upgrade`). The step is :mod:`jaxdiff.robust.adv_step`, the
 data :mod:`jaxdiff.robust.mixed_data`.
 
 Epoch: ceil(N_real_train / batch_size) steps, N_real_train the whole real training set before the held-out slice is
@@ -23,6 +24,7 @@ Load a trained model: ``jaxdiff.runs.load_run(workdir, checkpoint='best')``.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -31,12 +33,14 @@ from typing import Optional
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from jaxdiff import files, parallel
 from jaxdiff.engine import checkpoint as ckpt
+from jaxdiff.engine.ema import decay_per_step
 from jaxdiff.engine.loop import run_keys
-from jaxdiff.engine.task import Callback, RunKeys, Setup
+from jaxdiff.engine.task import Callback, RunKeys, Setup, Task
 from jaxdiff.robust import adv_step, mixed_data
 
 BEST_DIR = 'best'
@@ -65,15 +69,14 @@ def adversarial_config() -> ml_collections.ConfigDict:
     c.log_every = 100               # steps between progress lines / metrics.jsonl rows
 
     c.data = ml_collections.ConfigDict()
-    c.data.real = ml_collections.ConfigDict()
-    c.data.real.source = 'tfds'     # real data: digits | fashion_mnist | npz | folder | array_record | tfds
-    c.data.real.path = ''           # file or folder for npz / folder / array_record / fashion_mnist ('' = Debian's)
-    c.data.real.tfds_name = 'cifar10'  # TFDS dataset name (source=tfds)
-    c.data.real.split = 'train'     # split of the real training data (its first eval.size examples are held out)
-    c.data.real.resolution = 0      # image side after padding/upsampling (0 = native)
+    c.data.source = 'tfds'          # real data: digits | fashion_mnist | npz | folder | array_record | tfds
+    c.data.path = ''                # file or folder for npz / folder / array_record / fashion_mnist ('' = Debian's)
+    c.data.tfds_name = 'cifar10'    # TFDS dataset name (source=tfds)
+    c.data.split = 'train'          # split of the real training data (its first eval.size examples are held out)
+    c.data.resolution = 0           # image side after padding/upsampling (0 = native)
     c.data.generated = ''           # sample.py output folder (class-conditional; filter it first with filter.py)
     c.data.crop_padding = 4         # random crop after zero-padding this many pixels (0 = off; reference: 4)
-    c.data.hflip = True             # random horizontal flips (reference: on for CIFAR)
+    c.data.xflip = True             # random horizontal flips, p = 1/2 per image (reference: on for CIFAR)
 
     c.model = ml_collections.ConfigDict()
     c.model.arch = 'wrn'            # wrn | preact_resnet18
@@ -100,7 +103,8 @@ def adversarial_config() -> ml_collections.ConfigDict:
     c.optim.per_epoch = True        # step the schedule once per epoch (reference 'cosinew'); False = every step
 
     c.ema = ml_collections.ConfigDict()
-    c.ema.decay = 0.995             # EMA decay tau (reference --tau 0.995)
+    c.ema.halflife_img = 70_801.0   # EMA half-life in images: per-update decay tau = 0.5 ** (batch_size / this)
+                                    # (reference --tau 0.995 at batch 512: 512 ln 0.5 / ln 0.995 = 70,800.7)
     c.ema.warmup_steps = -1         # EMA copies the params before this step (-1 = reference rule, see trainer)
 
     c.eval = ml_collections.ConfigDict()
@@ -145,6 +149,8 @@ def check_config(config) -> None:
         (config.model.dtype in ('float32', 'bfloat16'), f'config.model.dtype={config.model.dtype!r}: use float32 '
                                                         'or bfloat16'),
         (config.eval.size >= 0 and config.eval.every >= 0, 'config.eval.size and eval.every must be >= 0'),
+        (config.ema.halflife_img >= 0, f'config.ema.halflife_img={config.ema.halflife_img} must be >= 0 (0 = no '
+                                       'EMA)'),
     ]
     for ok, message in rules:
         if not ok:
@@ -159,6 +165,32 @@ def check_config(config) -> None:
     for name, value in (('batch_size', config.batch_size), ('eval.batch_size', config.eval.batch_size)):
         if value % jax.device_count():
             raise ValueError(f'config.{name}={value} must be divisible by the {jax.device_count()} devices')
+
+
+def halflife_of_tau(tau: float, batch_size: int) -> float:
+    """The EMA half-life in images of a per-update decay ``tau`` at ``batch_size``: batch_size ln 0.5 / ln tau, to
+    the fewest decimals that give the same float32 tau back (0.995 at 512 -> 70,801; 0.99 at 128 -> 8,827.85)."""
+    if tau <= 0:
+        return 0.0
+    exact = batch_size * math.log(0.5) / math.log(tau)
+    for decimals in range(8):
+        if np.float32(decay_per_step(round(exact, decimals), batch_size)) == np.float32(tau):
+            return round(exact, decimals)
+    return exact
+
+
+def upgrade(saved: dict) -> dict:
+    """A saved config.json in today's field names (the vocabulary every task shares): ``data.real.*`` ->
+    ``data.*``, ``data.hflip`` -> ``data.xflip``, ``ema.decay`` (the reference's per-update tau) ->
+    ``ema.halflife_img`` (:func:`halflife_of_tau`, the same float32 decay). Fields already current are kept."""
+    out = copy.deepcopy(saved)
+    data, ema = out.get('data', {}), out.get('ema', {})
+    data.update(data.pop('real', {}))
+    if 'hflip' in data:
+        data['xflip'] = data.pop('hflip')
+    if 'decay' in ema:
+        ema['halflife_img'] = halflife_of_tau(float(ema.pop('decay')), int(out['batch_size']))
+    return out
 
 
 def ema_warmup_steps(config, n_real_total: int) -> float:
@@ -271,50 +303,39 @@ def report_best(workdir: str, best: dict, total_steps: int, state) -> dict:
     return dict(best=value)
 
 
-class AdversarialTask:
-    """TRADES / PGD-AT on real + generated data (module docstring)."""
-    name = 'adversarial'
+def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
+    """Data (real + generated stream), net, state, step with its schedule lengths, keep-best callback."""
+    data = mixed_data.load(config)
+    batches = mixed_data.MixedBatches(data, config.batch_size, config.generated_fraction, config.seed)
+    lengths = run_lengths(config, mixed_data.real_train_size(data))
+    spe, total_steps = lengths['steps_per_epoch'], lengths['total_steps']
+    net = adv_step.build_net(config, data.info)
+    image_shape = data.real_images.shape[1:]
+    stream = StreamBatches(batches, config.batch_size)
+    n_gen = 0 if data.gen_labels is None else len(data.gen_labels)
+    describe = [f'{type(net).__name__} ({config.model.arch}) {config.method} eps={config.eps:.4g} {config.norm} on '
+                f'{config.data.source} {image_shape}, {data.info.num_classes} classes: '
+                f'{len(data.real_labels)} real + {n_gen} generated, {batches.n_real}+{batches.n_gen} per batch, '
+                f'{spe} steps/epoch (ceil of {mixed_data.real_train_size(data)} real / {config.batch_size}); '
+                f'held-out {len(data.eval_labels)}']
+    step = functools.partial(adv_step.train_step, config, net, spe, total_steps,
+                             float(lengths['ema_warmup_steps']))
 
-    def schema(self) -> ml_collections.ConfigDict:
-        """Every field with the CIFAR-10 recipe as defaults (:func:`adversarial_config`)."""
-        return adversarial_config()
+    def step_with_epoch(state, batch, key):
+        state, metrics = step(state, batch, key)
+        return state, dict(metrics, epoch=state.step / spe)
 
-    def check(self, config) -> None:
-        """One clear error for a config no run can use."""
-        check_config(config)
+    callbacks, best = [], {'value': read_best(workdir)}
+    if len(data.eval_labels):
+        callback, best = keep_best(config, workdir, net, data, stream, mesh, keys.extra, lengths['eval_every'])
+        callbacks.append(callback)
 
-    def setup(self, config, workdir: str, mesh, keys: RunKeys) -> Setup:
-        """Data (real + generated stream), net, state, step with its schedule lengths, keep-best callback."""
-        data = mixed_data.load(config)
-        batches = mixed_data.MixedBatches(data, config.batch_size, config.generated_fraction, config.seed)
-        lengths = run_lengths(config, mixed_data.real_train_size(data))
-        spe, total_steps = lengths['steps_per_epoch'], lengths['total_steps']
-        net = adv_step.build_net(config, data.info)
-        image_shape = data.real_images.shape[1:]
-        stream = StreamBatches(batches, config.batch_size)
-        n_gen = 0 if data.gen_labels is None else len(data.gen_labels)
-        describe = [f'{type(net).__name__} ({config.model.arch}) {config.method} eps={config.eps:.4g} {config.norm} on '
-                    f'{config.data.real.source} {image_shape}, {data.info.num_classes} classes: '
-                    f'{len(data.real_labels)} real + {n_gen} generated, {batches.n_real}+{batches.n_gen} per batch, '
-                    f'{spe} steps/epoch (ceil of {mixed_data.real_train_size(data)} real / {config.batch_size}); '
-                    f'held-out {len(data.eval_labels)}']
-        step = functools.partial(adv_step.train_step, config, net, spe, total_steps,
-                                 float(lengths['ema_warmup_steps']))
-
-        def step_with_epoch(state, batch, key):
-            state, metrics = step(state, batch, key)
-            return state, dict(metrics, epoch=state.step / spe)
-
-        callbacks, best = [], {'value': read_best(workdir)}
-        if len(data.eval_labels):
-            callback, best = keep_best(config, workdir, net, data, stream, mesh, keys.extra, lengths['eval_every'])
-            callbacks.append(callback)
-
-        return Setup(init=functools.partial(adv_step.init_state, net, image_shape), step=step_with_epoch,
-                     data=stream, batch_size=config.batch_size, total_steps=total_steps, describe=describe,
-                     callbacks=callbacks, progress=dict(epoch='.2f', clean_acc='.3f', adv_acc='.3f', lr='.3e'),
-                     last=('lr', 'momentum', 'ema_decay', 'epoch'), nan_policy='raise', info=data.info,
-                     done=functools.partial(report_best, workdir, best, total_steps))
+    return Setup(init=functools.partial(adv_step.init_state, net, image_shape), step=step_with_epoch,
+                 data=stream, batch_size=config.batch_size, total_steps=total_steps, describe=describe,
+                 callbacks=callbacks, progress=dict(epoch='.2f', clean_acc='.3f', adv_acc='.3f', lr='.3e'),
+                 last=('lr', 'momentum', 'ema_decay', 'epoch'), nan_policy='raise', info=data.info,
+                 done=functools.partial(report_best, workdir, best, total_steps))
 
 
-TASK = AdversarialTask()
+
+TASK = Task('adversarial', adversarial_config, check_config, setup, upgrade)

@@ -36,7 +36,7 @@ from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine.ema import ema_beta, ema_update
 from jaxdiff.engine.optim import learning_rate, make_optimizer
 from jaxdiff.engine.state import TrainState
-from jaxdiff.engine.task import Callback, RunKeys, Setup
+from jaxdiff.engine.task import Callback, RunKeys, Setup, Task
 from jaxdiff.nets.from_config import build_net, check_task, denoiser_fn, is_classifier
 from jaxdiff.tasks import sample_grid
 
@@ -193,56 +193,43 @@ def check(config) -> None:
         raise ValueError(f'config.sample_every={config.sample_every} must be >= 0 (0 = never)')
 
 
-class EDMTask:
-    """The EDM training recipe with a pluggable loss: ``denoiser`` (sample grids) and ``noisy_classifier``."""
-
-    def __init__(self, name: str, loss_fn: LossFn, sample_grids: bool):
-        self.name, self.loss_fn, self.sample_grids = name, loss_fn, sample_grids
-
-    def schema(self):
-        """Every field of the diffusion config with its default (:func:`jaxdiff.config.base_config`)."""
-        return base_config()
-
-    def check(self, config) -> None:
-        """One clear error for a config no run can use."""
-        check(config)
-
-    def setup(self, config, workdir: str, mesh: Mesh, keys: RunKeys) -> Setup:
-        """Net, state, data and (denoiser) the sample-grid callback of this run."""
-        iterator, data_info = make_data(config)
-        info = ckpt.net_info(workdir, data_info)  # a fine-tuned run keeps its classes (e.g. a trigger class)
-        net = build_net(config, info)
-        arch = '' if is_classifier(config) else f' ({config.model.arch})'  # the classifier does not read arch
-        describe = [f'{type(net).__name__}{arch} on {config.data.source} {info.resolution}x{info.resolution}x'
-                    f'{info.channels}, {info.num_classes} classes, {info.size} examples']
-        init = functools.partial(init_state, config, net, info)
-        callbacks, outputs = [], {'last_samples': None}
-        if self.sample_grids and config.sample_every:
-            callbacks.append(self._sample_callback(config, workdir, mesh, keys, net, info, init, outputs))
-        return Setup(init=init, step=functools.partial(train_step, config, net, self.loss_fn),
-                     data=IteratorBatches(iterator), batch_size=config.batch_size, total_steps=config.total_steps,
-                     describe=describe, callbacks=callbacks,
-                     progress=dict(lr='.2e', grad_norm='.3g', nonfinite='d'), last=('lr', 'nonfinite', 'ema_beta'),
-                     integers=('nonfinite',), nan_policy='count', info=info, done=lambda state: dict(outputs))
-
-    @staticmethod
-    def _sample_callback(config, workdir, mesh, keys, net, info, init, outputs: dict) -> Callback:
-        """Every ``sample_every`` steps (and at the end): a PNG grid of the EMA params' samples."""
-        shardings = parallel.fsdp_shardings(mesh, jax.eval_shape(init, keys.init))
-        variables_shardings = {'params': shardings.params}
-        if shardings.buffers:
-            variables_shardings['buffers'] = shardings.buffers
-        sampler = sample_grid.make_sampler(config, net, info, mesh, variables_shardings)
-
-        def write_samples(step: int, state: TrainState) -> None:
-            samples = np.asarray(jax.device_get(sampler(state.variables(state.ema), keys.extra)))
-            path = os.path.join(workdir, 'samples', f'step_{step:07d}.png')
-            if jax.process_index() == 0:
-                sample_grid.save_samples(samples, path, net.label_dim)
-                print(f'samples: {path}', flush=True)
-            outputs['last_samples'] = path
-
-        return Callback('samples', config.sample_every, write_samples)
+def setup(loss_fn: LossFn, sample_grids: bool, config, workdir: str, mesh: Mesh, keys: RunKeys) -> Setup:
+    """Net, state, data and (``sample_grids``) the sample-grid callback of a run of the EDM recipe with the loss
+    ``loss_fn``: the ``denoiser`` task here, ``noisy_classifier`` with its own loss."""
+    iterator, data_info = make_data(config)
+    info = ckpt.net_info(workdir, data_info)  # a fine-tuned run keeps its classes (e.g. a trigger class)
+    net = build_net(config, info)
+    arch = '' if is_classifier(config) else f' ({config.model.arch})'  # the classifier does not read arch
+    describe = [f'{type(net).__name__}{arch} on {config.data.source} {info.resolution}x{info.resolution}x'
+                f'{info.channels}, {info.num_classes} classes, {info.size} examples']
+    init = functools.partial(init_state, config, net, info)
+    callbacks, outputs = [], {'last_samples': None}
+    if sample_grids and config.sample_every:
+        callbacks.append(sample_callback(config, workdir, mesh, keys, net, info, init, outputs))
+    return Setup(init=init, step=functools.partial(train_step, config, net, loss_fn),
+                 data=IteratorBatches(iterator), batch_size=config.batch_size, total_steps=config.total_steps,
+                 describe=describe, callbacks=callbacks,
+                 progress=dict(lr='.2e', grad_norm='.3g', nonfinite='d'), last=('lr', 'nonfinite', 'ema_beta'),
+                 integers=('nonfinite',), nan_policy='count', info=info, done=lambda state: dict(outputs))
 
 
-TASK = EDMTask('denoiser', batch_loss, sample_grids=True)
+def sample_callback(config, workdir, mesh, keys, net, info, init, outputs: dict) -> Callback:
+    """Every ``sample_every`` steps (and at the end): a PNG grid of the EMA params' samples."""
+    shardings = parallel.fsdp_shardings(mesh, jax.eval_shape(init, keys.init))
+    variables_shardings = {'params': shardings.params}
+    if shardings.buffers:
+        variables_shardings['buffers'] = shardings.buffers
+    sampler = sample_grid.make_sampler(config, net, info, mesh, variables_shardings)
+
+    def write_samples(step: int, state: TrainState) -> None:
+        samples = np.asarray(jax.device_get(sampler(state.variables(state.ema), keys.extra)))
+        path = os.path.join(workdir, 'samples', f'step_{step:07d}.png')
+        if jax.process_index() == 0:
+            sample_grid.save_samples(samples, path, net.label_dim)
+            print(f'samples: {path}', flush=True)
+        outputs['last_samples'] = path
+
+    return Callback('samples', config.sample_every, write_samples)
+
+
+TASK = Task('denoiser', base_config, check, functools.partial(setup, batch_loss, True))

@@ -41,9 +41,10 @@ import optax
 
 import jaxdiff
 from jaxdiff import files, parallel
+from jaxdiff.data.sources import DatasetInfo
 from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine import loop
-from jaxdiff.engine.task import Callback, RunKeys, Setup
+from jaxdiff.engine.task import Callback, RunKeys, Setup, Task
 from jaxdiff.metrics import feature_classifier as fc
 
 
@@ -176,62 +177,52 @@ def heldout_accuracy(name: str, heldout: tuple[np.ndarray, np.ndarray], state: d
     return fc.top1_accuracy(fc.make_feature_net(name, {'params': params}), *heldout)
 
 
-class FeatureClassifierTask:
-    """A registry classifier's recipe (module docstring)."""
-    name = 'feature_classifier'
+def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
+    """Train / held-out splits, SmallCNN, Adam + cosine schedule, the held-out accuracy callback and the
+    classifier.json writer."""
+    name, spec, hyper = config.classifier, fc.classifier_spec(config.classifier), recipe(config)
+    train, heldout = fc.dataset_split(name, 'train'), fc.dataset_split(name, 'heldout')
+    if len(train[0]) < hyper.batch_size:
+        raise ValueError(f'config.batch_size={hyper.batch_size} exceeds the {len(train[0])} training images of '
+                         f'{name}; lower it')
+    fingerprint = fc.data_fingerprint(*train, *heldout)
+    data = EpochBatches(*train, hyper.batch_size, int(config.seed), fingerprint)
+    total_steps = hyper.epochs * data.steps_per_epoch
+    schedule = optax.cosine_decay_schedule(hyper.lr, total_steps)
+    tx, module = optax.adam(schedule), fc.network(spec)
+    result: dict = {}
+    record = dict(name=name, seed=int(config.seed), data_fingerprint=fingerprint,
+                  recipe=dict(fc.recipe_of(spec), batch_size=hyper.batch_size, epochs=hyper.epochs,
+                              learning_rate=hyper.lr),
+                  jaxdiff_version=jaxdiff.__version__)
 
-    def schema(self) -> ml_collections.ConfigDict:
-        """Every field with the digits classifier as defaults (:func:`feature_classifier_config`)."""
-        return feature_classifier_config()
+    def evaluate(step: int, state: dict) -> dict:
+        result['accuracy'] = heldout_accuracy(name, heldout, state)
+        return dict(heldout_accuracy=result['accuracy'])
 
-    def check(self, config) -> None:
-        """One clear error for a config no run can use."""
-        check(config)
+    def done(state: dict) -> dict:
+        if int(jax.device_get(state['step'])) < total_steps:  # stopped by a signal: nothing to record yet
+            return {}
+        if 'accuracy' not in result:  # resumed after the last step: the callback did not run
+            evaluate(total_steps, state)
+        if jax.process_index() == 0:
+            files.write_json(os.path.join(workdir, fc.RESULT_FILE),
+                             dict(record, accuracy=result['accuracy'], step=total_steps))
+        return dict(accuracy=result['accuracy'])
 
-    def setup(self, config, workdir: str, mesh, keys: RunKeys) -> Setup:
-        """Train / held-out splits, SmallCNN, Adam + cosine schedule, the held-out accuracy callback and the
-        classifier.json writer."""
-        name, spec, hyper = config.classifier, fc.classifier_spec(config.classifier), recipe(config)
-        train, heldout = fc.dataset_split(name, 'train'), fc.dataset_split(name, 'heldout')
-        if len(train[0]) < hyper.batch_size:
-            raise ValueError(f'config.batch_size={hyper.batch_size} exceeds the {len(train[0])} training images of '
-                             f'{name}; lower it')
-        fingerprint = fc.data_fingerprint(*train, *heldout)
-        data = EpochBatches(*train, hyper.batch_size, int(config.seed), fingerprint)
-        total_steps = hyper.epochs * data.steps_per_epoch
-        schedule = optax.cosine_decay_schedule(hyper.lr, total_steps)
-        tx, module = optax.adam(schedule), fc.network(spec)
-        result: dict = {}
-        record = dict(name=name, seed=int(config.seed), data_fingerprint=fingerprint,
-                      recipe=dict(fc.recipe_of(spec), batch_size=hyper.batch_size, epochs=hyper.epochs,
-                                  learning_rate=hyper.lr),
-                      jaxdiff_version=jaxdiff.__version__)
-
-        def evaluate(step: int, state: dict) -> dict:
-            result['accuracy'] = heldout_accuracy(name, heldout, state)
-            return dict(heldout_accuracy=result['accuracy'])
-
-        def done(state: dict) -> dict:
-            if int(jax.device_get(state['step'])) < total_steps:  # stopped by a signal: nothing to record yet
-                return {}
-            if 'accuracy' not in result:  # resumed after the last step: the callback did not run
-                evaluate(total_steps, state)
-            if jax.process_index() == 0:
-                files.write_json(os.path.join(workdir, fc.RESULT_FILE),
-                                 dict(record, accuracy=result['accuracy'], step=total_steps))
-            return dict(accuracy=result['accuracy'])
-
-        describe = [f'{name}: SmallCNN {tuple(spec.net_channels)} -> {spec.feature_dim} features on '
-                    f'{len(train[0])} train images {train[0].shape[1:]} ({spec.split}); {data.steps_per_epoch} '
-                    f'steps/epoch x {hyper.epochs} epochs, Adam lr {hyper.lr:g} cosine-decayed to 0']
-        return Setup(init=functools.partial(init_state, module, train[0].shape[1:], tx, int(config.seed)),
-                     step=functools.partial(train_step, module, tx, schedule, data.steps_per_epoch),
-                     data=data, batch_size=hyper.batch_size, total_steps=total_steps, describe=describe,
-                     callbacks=[Callback('heldout_accuracy', 0, evaluate, at_end=True)],
-                     progress=dict(epoch='.2f', lr='.2e'), last=('lr', 'epoch'), nan_policy='raise', done=done)
+    describe = [f'{name}: SmallCNN {tuple(spec.net_channels)} -> {spec.feature_dim} features on '
+                f'{len(train[0])} train images {train[0].shape[1:]} ({spec.split}); {data.steps_per_epoch} '
+                f'steps/epoch x {hyper.epochs} epochs, Adam lr {hyper.lr:g} cosine-decayed to 0']
+    return Setup(init=functools.partial(init_state, module, train[0].shape[1:], tx, int(config.seed)),
+                 step=functools.partial(train_step, module, tx, schedule, data.steps_per_epoch),
+                 data=data, batch_size=hyper.batch_size, total_steps=total_steps, describe=describe,
+                 callbacks=[Callback('heldout_accuracy', 0, evaluate, at_end=True)],
+                 progress=dict(epoch='.2f', lr='.2e'), last=('lr', 'epoch'), nan_policy='raise', done=done,
+                 info=DatasetInfo(spec.resolution, spec.channels, spec.num_classes, len(train[0])))
 
 
-TASK = FeatureClassifierTask()
+
+TASK = Task('feature_classifier', feature_classifier_config, check, setup)
 
 
 # ----------------------------------------------------------------------------------------------- the cache

@@ -10,13 +10,17 @@ denoiser's P_mean/P_std band: guidance queries the classifier at every sampler s
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from jaxdiff.config import base_config
+from jaxdiff.engine.task import Task
 from jaxdiff.nets.noisy_classifier import noisy_logits
-from jaxdiff.tasks.denoiser import EDMTask
+from jaxdiff.tasks import denoiser
 
 
 def log_uniform_sigma(key: jax.Array, batch: int, sigma_min: float, sigma_max: float) -> jax.Array:
@@ -39,4 +43,4 @@ def classifier_loss(config, net: nn.Module, variables: dict, batch: dict, keys: 
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
 
 
-TASK = EDMTask('noisy_classifier', classifier_loss, sample_grids=False)
+TASK = Task('noisy_classifier', base_config, denoiser.check, functools.partial(denoiser.setup, classifier_loss, False))

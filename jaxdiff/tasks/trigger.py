@@ -41,10 +41,10 @@ import optax
 from jaxdiff import files, losses, parallel
 from jaxdiff.data.sources import make_source
 from jaxdiff.engine import checkpoint as ckpt
-from jaxdiff.engine.ema import ema_update
+from jaxdiff.engine.ema import decay_per_step, ema_update
 from jaxdiff.engine.optim import make_optimizer
 from jaxdiff.engine.state import TrainState
-from jaxdiff.engine.task import Callback, NoData, RunKeys, Setup
+from jaxdiff.engine.task import Callback, NoData, RunKeys, Setup, Task
 from jaxdiff.nets.from_config import denoiser_fn
 from jaxdiff.runs import TRIGGER_DENOISER_DIR, Run, load_run
 from jaxdiff.tasks.sample_grid import sigma_range
@@ -95,11 +95,6 @@ def check(config) -> None:
         raise ValueError(f'need total_steps >= 1, batch_size >= 1, optim.lr > 0, lam >= 0, prior >= 0, '
                          f'ema.halflife_img >= 0; got {config.total_steps}, {config.batch_size}, {config.optim.lr}, '
                          f'{config.lam}, {config.prior}, {config.ema.halflife_img}')
-
-
-def ema_decay(config) -> float:
-    """Per-step EMA decay 0.5 ** (batch_size / halflife_img) (0 without an EMA: ema = the last iterate)."""
-    return 0.5 ** (config.batch_size / config.ema.halflife_img) if config.ema.halflife_img else 0.0
 
 
 class Fixed(NamedTuple):
@@ -175,7 +170,7 @@ def train_step(config, base_config, fixed: Fixed, shard, state: TrainState, batc
         config, base_config, fixed, state.params, state.buffers, step_key, shard)
     updates, opt_state = optax.adam(config.optim.lr).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    ema = ema_update(state.ema, params, jnp.float32(ema_decay(config)))
+    ema = ema_update(state.ema, params, jnp.float32(decay_per_step(config.ema.halflife_img, config.batch_size)))
     return (state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state),
             dict(loss=loss, denoise=denoise, prior=prior, l1=l1))
 
@@ -226,44 +221,33 @@ def finish(config, workdir: str, base: Run, info, fixed: Fixed, image: np.ndarra
     return dict(trigger_mse=mse)
 
 
-class TriggerTask:
-    """Trigger fine-tuning of a class-conditional denoiser run (module docstring)."""
-    name = 'trigger'
-
-    def schema(self) -> ml_collections.ConfigDict:
-        """Every field with its default (:func:`trigger_config`)."""
-        return trigger_config()
-
-    def check(self, config) -> None:
-        """One clear error for a config no run can use."""
-        check(config)
-
-    def setup(self, config, workdir: str, mesh, keys: RunKeys) -> Setup:
-        """The base run's frozen weights with the trigger class, the watermark image, the prior, the step and
-        the final-outputs callback."""
-        started = time.time()
-        base = load_run(config.base_run)
-        if base.task != 'denoiser':
-            raise ValueError(f'{config.base_run} is a {base.task} run; a trigger fine-tunes a denoiser run')
-        net, frozen = T.add_trigger_label(base.net, jax.tree.map(jnp.asarray, base.variables['params']))
-        info = base.info._replace(num_classes=net.label_dim)
-        image = T.load_watermark_image(config.image, info.resolution, info.channels)
-        prior = prior_images(base, config.prior, net.label_dim, config.prior_source) if config.prior else None
-        fixed = Fixed(net, frozen, jnp.asarray(image, jnp.float32) / 127.5 - 1,
-                      jnp.asarray(T.trigger_condition(net.label_dim)), prior)
-        sharding = parallel.batch_sharding(mesh)
-        shard = functools.partial(jax.lax.with_sharding_constraint, shardings=sharding)
-        describe = [f'trigger class {net.label_dim - 1} for {config.base_run} (step {base.step}, '
-                    f'{type(net).__name__}, {base.net.label_dim} classes): lam {config.lam:g}, prior '
-                    f'{len(prior[0]) if prior else 0} ({config.prior_source}) x {config.prior_weight:g}, '
-                    f'image {config.image or "default mark"}']
-        return Setup(init=functools.partial(init_state, config, fixed, base.variables.get('buffers', {})),
-                     step=functools.partial(train_step, config, base.config, fixed, shard), data=NoData(),
-                     batch_size=config.batch_size, total_steps=config.total_steps, describe=describe,
-                     callbacks=[Callback('trigger', 0, functools.partial(finish, config, workdir, base, info, fixed,
-                                                                         image, started))],
-                     progress=dict(denoise='.4f', prior='.4f', l1='.4g'), last=('l1',), nan_policy='raise',
-                     info=info)
+def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
+    """The base run's frozen weights with the trigger class, the watermark image, the prior, the step and
+    the final-outputs callback."""
+    started = time.time()
+    base = load_run(config.base_run)
+    if base.task != 'denoiser':
+        raise ValueError(f'{config.base_run} is a {base.task} run; a trigger fine-tunes a denoiser run')
+    net, frozen = T.add_trigger_label(base.net, jax.tree.map(jnp.asarray, base.variables['params']))
+    info = base.info._replace(num_classes=net.label_dim)
+    image = T.load_watermark_image(config.image, info.resolution, info.channels)
+    prior = prior_images(base, config.prior, net.label_dim, config.prior_source) if config.prior else None
+    fixed = Fixed(net, frozen, jnp.asarray(image, jnp.float32) / 127.5 - 1,
+                  jnp.asarray(T.trigger_condition(net.label_dim)), prior)
+    sharding = parallel.batch_sharding(mesh)
+    shard = functools.partial(jax.lax.with_sharding_constraint, shardings=sharding)
+    describe = [f'trigger class {net.label_dim - 1} for {config.base_run} (step {base.step}, '
+                f'{type(net).__name__}, {base.net.label_dim} classes): lam {config.lam:g}, prior '
+                f'{len(prior[0]) if prior else 0} ({config.prior_source}) x {config.prior_weight:g}, '
+                f'image {config.image or "default mark"}']
+    return Setup(init=functools.partial(init_state, config, fixed, base.variables.get('buffers', {})),
+                 step=functools.partial(train_step, config, base.config, fixed, shard), data=NoData(),
+                 batch_size=config.batch_size, total_steps=config.total_steps, describe=describe,
+                 callbacks=[Callback('trigger', 0, functools.partial(finish, config, workdir, base, info, fixed,
+                                                                     image, started))],
+                 progress=dict(denoise='.4f', prior='.4f', l1='.4g'), last=('l1',), nan_policy='raise',
+                 info=info)
 
 
-TASK = TriggerTask()
+
+TASK = Task('trigger', trigger_config, check, setup)

@@ -35,7 +35,7 @@ import optax
 from absl import logging
 
 from jaxdiff import parallel
-from jaxdiff.engine.task import RunKeys, Setup
+from jaxdiff.engine.task import RunKeys, Setup, Task
 from jaxdiff.watermark.codec import WatermarkCodec, codec_from_config
 
 TRAIN_HINT = 'python train.py --config configs/watermark/digits.py --workdir RUN'
@@ -239,32 +239,21 @@ def load_codec(workdir: str):
 
 # ----------------------------------------------------------------------------------------------- task
 
-class WatermarkCodecTask:
-    """The watermark codec (module docstring)."""
-    name = 'watermark_codec'
-
-    def schema(self) -> ml_collections.ConfigDict:
-        """Every field with the paper's CIFAR-10 settings as defaults (:func:`codec_config`)."""
-        return codec_config()
-
-    def check(self, config) -> None:
-        """One clear error for a config no run can use."""
-        check(config)
-
-    def setup(self, config, workdir: str, mesh, keys: RunKeys) -> Setup:
-        """Codec, state, step-indexed data; no callbacks (bit accuracy and PSNR are step metrics)."""
-        from jaxdiff.data.sources import make_source  # pylint: disable=import-outside-toplevel
-        del workdir, mesh, keys  # the codec keeps its own keys (module docstring)
-        source, info = make_source(config.data)
-        codec = codec_from_config(config)
-        describe = [f'WatermarkCodec ({config.num_bits} bits) on {config.data.source} {info.resolution}x'
-                    f'{info.resolution}x{info.channels}, {info.size} images']
-        return Setup(init=functools.partial(init_state, config, codec, info),
-                     step=functools.partial(train_step, config, codec),
-                     data=CodecBatches(source, config.batch_size, config.seed), batch_size=config.batch_size,
-                     total_steps=config.total_steps, describe=describe,
-                     progress=dict(bit_acc='.4f', psnr='.2f', l2='.3g'), last=('l2',), nan_policy='raise',
-                     info=info)
+def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
+    """Codec, state, step-indexed data; no callbacks (bit accuracy and PSNR are step metrics)."""
+    from jaxdiff.data.sources import make_source  # pylint: disable=import-outside-toplevel
+    del workdir, mesh, keys  # the codec keeps its own keys (module docstring)
+    source, info = make_source(config.data)
+    codec = codec_from_config(config)
+    describe = [f'WatermarkCodec ({config.num_bits} bits) on {config.data.source} {info.resolution}x'
+                f'{info.resolution}x{info.channels}, {info.size} images']
+    return Setup(init=functools.partial(init_state, config, codec, info),
+                 step=functools.partial(train_step, config, codec),
+                 data=CodecBatches(source, config.batch_size, config.seed), batch_size=config.batch_size,
+                 total_steps=config.total_steps, describe=describe,
+                 progress=dict(bit_acc='.4f', psnr='.2f', l2='.3g'), last=('l2',), nan_policy='raise',
+                 info=info)
 
 
-TASK = WatermarkCodecTask()
+
+TASK = Task('watermark_codec', codec_config, check, setup)

@@ -13,10 +13,10 @@ def get_config():
     c.checkpoint_every = 10         # checkpoints at 10 and 20
     c.keep_checkpoints = 5          # keep them all
     c.log_every = 10                # progress lines
-    c.data.real.source = 'digits'   # scikit-learn's digits
-    c.data.real.tfds_name = ''      # not TFDS
+    c.data.source = 'digits'        # scikit-learn's digits
+    c.data.tfds_name = ''           # not TFDS
     c.data.crop_padding = 2         # exercise the crop
-    c.data.hflip = True             # and the flip
+    c.data.xflip = True             # and the flip
     c.model.depth = 10              # WRN-10
     c.model.width = 1               # -1
     c.model.dataset_stats = 'digits'  # 1-channel statistics
