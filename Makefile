@@ -36,8 +36,10 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e '.[dev,tfds]'
 	touch $(TEST_STAMP)
 
+# Two workers (CI has 2 cores; the suite is mostly single-threaded XLA compilation), each test module on one
+# worker so its module fixtures are built once.
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadscope
 
 bench: $(STAMP)
 	$(BIN)/python bench/net_step.py --net tiny --batch 64

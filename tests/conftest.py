@@ -78,13 +78,14 @@ def truncate_largest_file(step_dir) -> str:
 
 
 def snapshot(workdir) -> dict:
-    """{relative path: size} of every file under workdir except tb/ (the event writer may touch it)."""
+    """{relative path: size} of every file under workdir except tb/ (the event writer may touch it) and the
+    directory lock's file (each writer records itself there: it is not data)."""
     out = {}
     for d, _, files in os.walk(workdir):
         for f in files:
             path = os.path.join(d, f)
             rel = os.path.relpath(path, workdir)
-            if not rel.startswith('tb'):
+            if not rel.startswith('tb') and rel != '.lock':
                 out[rel] = os.path.getsize(path)
     return out
 
@@ -153,12 +154,28 @@ def tiny_runs(tmp_path_factory, tiny_base_run):
 # Tests marked `background` need one long computation (the Fashion-MNIST classifier's two epochs: ~2 minutes of
 # arithmetic, no compilation to speak of). The suite is mostly single-threaded XLA compilation, so that computation
 # starts in a one-thread subprocess as soon as the tests are collected, and the marked tests run last, when it is
-# done: the second core does it meanwhile. Each marked test names its job in BACKGROUND_JOBS.
+# done: a spare core does it meanwhile. Each marked test names its job in BACKGROUND_JOBS. Under pytest-xdist
+# (make test: two workers) every worker collects, so the first to claim a job's folder (shared through the
+# environment) starts it and any worker's test waits for the job's exit-code file.
 BACKGROUND_JOBS = {
     'fashion_mnist_classifier': ('from jaxdiff.tasks.feature_classifier import load_or_train; '
                                  "load_or_train('fashion_mnist_classifier', cache_dir={folder!r}, log=print)"),
 }
-_BACKGROUND: dict = {}
+_JOBS_ROOT = os.environ.get('JAXDIFF_TEST_JOBS')  # a worker (or a test's subprocess) shares the first process's
+if not _JOBS_ROOT:
+    _JOBS_ROOT = os.environ['JAXDIFF_TEST_JOBS'] = tempfile.mkdtemp(prefix='jaxdiff_background_')
+    atexit.register(shutil.rmtree, _JOBS_ROOT, ignore_errors=True)
+_WRAPPER = """import os
+import traceback
+try:
+    exec({code!r})
+    rc = 0
+except BaseException:
+    traceback.print_exc()
+    rc = 1
+open({rc_file!r} + '.tmp', 'w').write(str(rc))
+os.replace({rc_file!r} + '.tmp', {rc_file!r})  # whole, for a reader in another process
+"""
 
 
 def pytest_configure(config):
@@ -171,19 +188,22 @@ def pytest_collection_modifyitems(session, config, items):
     import sys
     marked = [item for item in items if item.get_closest_marker('background') and _runs(item)]
     items[:] = [item for item in items if item not in marked] + marked
-    for item in marked:
-        job = item.get_closest_marker('background').args[0]
-        if job in _BACKGROUND:
+    for job in {item.get_closest_marker('background').args[0] for item in marked}:
+        folder = os.path.join(_JOBS_ROOT, job)
+        try:
+            os.mkdir(folder)  # atomic: one process of the session claims the job
+        except FileExistsError:
             continue
-        folder = tempfile.mkdtemp(prefix=f'jaxdiff_background_{job}_')
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
         env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags() + ' --xla_cpu_multi_thread_eigen=false '
                    'intra_op_parallelism_threads=1', **_CACHE_ENV)
-        proc = subprocess.Popen([sys.executable, '-c', BACKGROUND_JOBS[job].format(folder=folder)], env=env,
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        code = _WRAPPER.format(code=BACKGROUND_JOBS[job].format(folder=folder),
+                               rc_file=os.path.join(folder, 'exit_code'))
+        with open(os.path.join(folder, 'log.txt'), 'w') as log:
+            proc = subprocess.Popen([sys.executable, '-c', code], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(os.path.join(folder, 'pid'), 'w') as f:
+            f.write(str(proc.pid))
         atexit.register(lambda p=proc: p.poll() is None and p.kill())
-        _BACKGROUND[job] = proc, folder
 
 
 def _runs(item) -> bool:
@@ -191,12 +211,25 @@ def _runs(item) -> bool:
     return not any(mark.args and mark.args[0] for mark in item.iter_markers('skipif'))
 
 
+def _alive(folder: str) -> bool:
+    """Whether the job process of ``folder`` still runs (a zombie left by another worker counts as ended)."""
+    try:
+        with open(os.path.join(folder, 'pid')) as f, open(f'/proc/{int(f.read())}/stat') as stat:
+            return stat.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except (OSError, ValueError):
+        return not os.path.exists(os.path.join(folder, 'pid'))  # not started yet, or gone
+
+
 @pytest.fixture
 def background(request):
     """The folder where the test's background job (its `background` marker) wrote its result, once finished; the
     job's output is in the assertion message if it failed."""
-    job = request.node.get_closest_marker('background').args[0]
-    proc, folder = _BACKGROUND[job]
-    out, _ = proc.communicate(timeout=1800)
-    assert proc.returncode == 0, out[-3000:]
+    import time
+    folder = os.path.join(_JOBS_ROOT, request.node.get_closest_marker('background').args[0])
+    rc_file, deadline = os.path.join(folder, 'exit_code'), time.time() + 1800
+    while not os.path.exists(rc_file) and time.time() < deadline and _alive(folder):
+        time.sleep(1)
+    with open(os.path.join(folder, 'log.txt')) as f:
+        out = f.read()
+    assert os.path.exists(rc_file) and open(rc_file).read() == '0', out[-3000:]
     return folder
