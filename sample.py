@@ -99,6 +99,7 @@ def main(argv: list[str]) -> None:
     from jaxdiff import parallel
     from jaxdiff.sampling import generate, run, shards
     from jaxdiff.sampling.model import load_model
+    from jaxdiff.dir_lock import DirectoryLockedError
     from jaxdiff.engine.checkpoint import CheckpointError
 
     solver_options = {name: options.parse_value(flag.value) for name, flag in _SOLVER_FLAGS.items()
@@ -120,7 +121,8 @@ def main(argv: list[str]) -> None:
             if _TOP.value is not None:
                 from jaxdiff.sampling.filter import filter_folder
                 filter_folder(_OUT.value, _TOP.value, _CLASSIFIER.value, shard_size=_SHARD.value)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
+            DirectoryLockedError) as e:
         _fail(str(e), 1)
 
 

@@ -7,7 +7,9 @@ command to resume.
 Outputs in --workdir: checkpoints/<step>/ (orbax), config.json, tb/ (TensorBoard), samples/step_XXXXXXX.png.
 Multi-host: pass the three --coordinator_address/--num_processes/--process_id flags on every process, or none of
 them on a TPU pod / SLURM job (jax.distributed detects the cluster). Errors in the config, the data or the
-checkpoints end with one line on stderr and a non-zero exit code (2 for command-line errors, 1 otherwise).
+checkpoints end with one line on stderr and a non-zero exit code (2 for command-line errors, 1 otherwise). A run that
+SIGTERM / SIGINT stopped saves its step and exits 143 / 130 (128 + the signal): rerun to resume. A second train.py
+on the same --workdir is refused (exit 1) while the first runs.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import re
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff.cli import fail, quiet_checkpoint_echoes
+from jaxdiff.cli import exit_if_stopped, fail, quiet_checkpoint_echoes
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/diffusion/digits.py.',
                                           lock_config=True)
@@ -82,18 +84,21 @@ def main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     quiet_checkpoint_echoes()
     from jaxdiff import parallel
+    from jaxdiff.dir_lock import DirectoryLockedError
     from jaxdiff.engine import checkpoint as ckpt
 
     try:
         parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
         from jaxdiff.tasks import registry
         summary = registry.run(_CONFIG.value, _WORKDIR.value, allow_config_change=_ALLOW.value)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ckpt.CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ckpt.CheckpointError,
+            DirectoryLockedError) as e:
         _fail(str(e), 1)
     import jax
     if jax.process_count() > 1:
         print(f'process {jax.process_index()}/{jax.process_count()}: step {summary["step"]}, params+ema checksum '
               f'{summary["checksum"]}', flush=True)
+    exit_if_stopped(summary)
 
 
 if __name__ == '__main__':

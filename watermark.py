@@ -37,7 +37,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff.cli import fail, quiet_checkpoint_echoes
+from jaxdiff.cli import exit_if_stopped, fail, quiet_checkpoint_echoes
 
 PROG = 'watermark.py'
 COMMANDS = ('train_codec', 'embed', 'trigger')
@@ -163,18 +163,20 @@ def main(argv: list[str]) -> None:
         _fail(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override config fields', 2)
     logging.set_verbosity(logging.WARNING)
     quiet_checkpoint_echoes()
+    from jaxdiff.dir_lock import DirectoryLockedError
     from jaxdiff.engine.checkpoint import CheckpointError  # ConfigMismatchError is a ValueError
     try:
         if _F['command'] == 'trigger':
             from jaxdiff.tasks import registry
             from jaxdiff.watermark.trigger import TRIGGER_FILE
             summary = registry.run(trigger_config(), _F['out'].value)
-            if not summary['stopped_by_signal']:
-                with open(os.path.join(_F['out'].value, TRIGGER_FILE)) as f:
-                    print(json.dumps(json.load(f)), flush=True)
+            exit_if_stopped(summary)
+            with open(os.path.join(_F['out'].value, TRIGGER_FILE)) as f:
+                print(json.dumps(json.load(f)), flush=True)
         elif _F['command'] == 'train_codec':
             from jaxdiff.tasks import registry
             summary = registry.run(_F['config'].value, _F['workdir'].value, allow_config_change=_F['allow'].value)
+            exit_if_stopped(summary)
             print(f'done: step {summary["step"]}, codec in {_F["workdir"].value}', flush=True)
         else:
             from jaxdiff.watermark.embed import embed
@@ -185,7 +187,8 @@ def main(argv: list[str]) -> None:
                            data_overrides=overrides, batch_size=_F['batch_size'].value,
                            print_fn=lambda s: print(s, flush=True))
             print(json.dumps(report), flush=True)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
+            DirectoryLockedError) as e:
         _fail(str(e), 1)
 
 

@@ -18,6 +18,15 @@ def fail(prog: str, message: str, code: int) -> None:
     os._exit(code)
 
 
+def exit_if_stopped(summary: dict) -> None:
+    """After a training run that a stop signal ended (saved, resumable): exit with the shell's code for that
+    signal, 128 + its number (SIGTERM 143, SIGINT 130), so ``train.py ... && sample.py ...`` does not go on with
+    a half-trained model. A finished run returns."""
+    if summary.get('stopped_by_signal'):
+        sys.stdout.flush()
+        sys.exit(128 + int(summary['stop_signal']))
+
+
 def _checkpoint_echo(exc) -> bool:
     """An echo of a damaged checkpoint's abandoned reads: tensorstore callbacks landing after orbax closed its event
     loop, or a read coroutine collected with its error unretrieved (orbax reports that error itself)."""

@@ -7,7 +7,8 @@ Run as a script (one process of a run) for the subprocess tests:
     python tests/fake_task.py WORKDIR [--total_steps N] [--checkpoint_every K] [--sleep S]
         [--coordinator ADDR --num_processes P --process_id I]
 
-prints one JSON line {"step", "checksum", "stopped_by_signal", "resumed_from"} at the end.
+prints one JSON line {"step", "checksum", "stopped_by_signal", "resumed_from"} at the end and, like train.py, exits
+128 + the signal's number after a stop signal.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxdiff.cli import exit_if_stopped
 from jaxdiff.engine.state import TrainState
 from jaxdiff.engine.task import Callback, Setup, Task
 
@@ -161,6 +163,7 @@ def main() -> None:
     config = config_of(total_steps=args.total_steps, checkpoint_every=args.checkpoint_every, sleep=args.sleep)
     summary = loop.run(TASK, config, args.workdir, allow_config_change=args.allow_config_change)
     print(json.dumps({k: summary[k] for k in ('step', 'checksum', 'stopped_by_signal', 'resumed_from')}), flush=True)
+    exit_if_stopped(summary)  # train.py's convention: 128 + the signal after a stop-signal save
 
 
 if __name__ == '__main__':

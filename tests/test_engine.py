@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 import fake_task
 from conftest import free_port, run_together, xla_flags
 from jaxdiff import parallel
+from jaxdiff.dir_lock import DirectoryLockedError
 from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine import log as logs
 from jaxdiff.engine import loop
@@ -68,12 +70,14 @@ def wait_for_checkpoint(proc, workdir, step, timeout=120):
         time.sleep(0.01)
 
 
-def interrupt(env, workdir, sig):
-    """Start the fake run (slowed to ~20 steps/s), send ``sig`` once checkpoint 10 exists; (returncode, stdout)."""
+def interrupt(env, workdir, sig, while_running=lambda proc: None):
+    """Start the fake run (slowed to ~20 steps/s), call ``while_running(proc)`` and send ``sig`` once checkpoint 10
+    exists; (returncode, stdout)."""
     proc = subprocess.Popen(command(workdir, *SLOW), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         wait_for_checkpoint(proc, workdir, 10)
+        while_running(proc)
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=60)
     finally:
@@ -82,8 +86,22 @@ def interrupt(env, workdir, sig):
     return proc.returncode, out
 
 
+def second_writer_is_refused(workdir):
+    """While the run in ``workdir`` lives, another run there is refused in one line naming its pid and host, before
+    touching anything."""
+    def check(proc):
+        config_before = (workdir / 'config.json').read_bytes()
+        with pytest.raises(DirectoryLockedError, match=rf'in use by training \(fake\) \(pid {proc.pid} on host '
+                                                       rf'{socket.gethostname()}, since '):
+            loop.run(fake_task.TASK, fake_task.config_of(sleep=0.05), str(workdir))
+        assert (workdir / 'config.json').read_bytes() == config_before
+        assert (workdir / 'checkpoints' / '10').is_dir()
+    return check
+
+
 def test_kill9_then_rerun_matches_uninterrupted_run_bitwise(env, reference, tmp_path):
-    code, _ = interrupt(env, tmp_path / 'run', signal.SIGKILL)
+    """Also: the live run's directory lock refuses a second writer, and kill -9 leaves no stale lock behind."""
+    code, _ = interrupt(env, tmp_path / 'run', signal.SIGKILL, second_writer_is_refused(tmp_path / 'run'))
     assert code == -signal.SIGKILL
     assert ckpt.Checkpointer(str(tmp_path / 'run'), 3).steps()[-1] < 30  # it really was interrupted
     result = subprocess.run(command(tmp_path / 'run', *SLOW), env=env, capture_output=True, text=True, timeout=120)
@@ -92,9 +110,11 @@ def test_kill9_then_rerun_matches_uninterrupted_run_bitwise(env, reference, tmp_
     assert_bitwise(arrays(tmp_path / 'run'), arrays(reference))
 
 
-def test_sigterm_saves_exits_zero_and_rerun_resumes(env, reference, tmp_path):
-    code, out = interrupt(env, tmp_path / 'run', signal.SIGTERM)
-    assert code == 0 and 'stop signal received: saved step' in out
+@pytest.mark.parametrize('sig, exit_code', [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_signal_saves_exits_128_plus_signal_and_rerun_resumes(env, reference, tmp_path, sig, exit_code):
+    """The exit code says the run is not finished (so `train.py ... && sample.py ...` stops), the save is there."""
+    code, out = interrupt(env, tmp_path / 'run', sig)
+    assert code == exit_code and 'stop signal received: saved step' in out
     summary = summary_of(out)
     assert summary['stopped_by_signal'] and 10 <= summary['step'] < 30
     assert summary['step'] in ckpt.Checkpointer(str(tmp_path / 'run'), 3).steps()

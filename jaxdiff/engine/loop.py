@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 
 import jax
 import numpy as np
 
 from jaxdiff import files, parallel
+from jaxdiff.dir_lock import DirectoryLock
 from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine import log as logs
 from jaxdiff.engine.signals import StopSignal
@@ -47,17 +49,18 @@ def check_common(config) -> None:
 
 def run(task, config, workdir: str, *, allow_config_change: bool = False, stream=None) -> dict:
     """Train ``task`` with ``config`` in ``workdir`` (resuming from its newest usable checkpoint); returns
-    {'step', 'stopped_by_signal', 'resumed_from' (step or None), 'checksum' (:func:`jaxdiff.parallel.local_checksum`
+    {'step', 'stopped_by_signal', 'stop_signal' (its number, or None), 'resumed_from' (step or None), 'checksum' (:func:`jaxdiff.parallel.local_checksum`
     of the final state), **the task's summary}. stream: where the primary process's progress lines go (default
     stdout).
 
     Raises ValueError / FileNotFoundError (bad config or data, diverged loss), ckpt.ConfigMismatchError (the workdir
-    holds another config), ckpt.CheckpointError (every checkpoint damaged) with one-line messages; nothing saved is
-    deleted.
+    holds another config), ckpt.CheckpointError (every checkpoint damaged), NotADirectoryError (workdir is a file),
+    DirectoryLockedError (another process trains in workdir) with one-line messages; nothing saved is deleted.
     """
     task.check(config)
     check_common(config)
-    with StopSignal() as stop:  # from here on, SIGTERM/SIGINT stop the run cleanly
+    # one writer per run directory (process 0 of a job holds it); from here on SIGTERM/SIGINT stop the run cleanly
+    with DirectoryLock(workdir, f'training ({task.name})', enabled=jax.process_index() == 0), StopSignal() as stop:
         return _run(task, config, workdir, allow_config_change, stop, stream)
 
 
@@ -103,7 +106,6 @@ def _zeros(shapes, sharding):
 def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal, stream) -> dict:
     primary = jax.process_index() == 0
     multiprocess = jax.process_count() > 1
-    os.makedirs(workdir, exist_ok=True)
     schema = task.schema()
     ckpt.check_config(workdir, config, allow_config_change, write=False, schema=schema, upgrade=task.upgrade)
 
@@ -206,7 +208,8 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
     finally:
         checkpointer.close()  # waits for pending async saves: what was started is committed
         logger.close()
-    summary = dict(step=step, stopped_by_signal=stopped, resumed_from=resumed_from,
+    signum = (stop.received or signal.SIGTERM) if stopped else None  # another process's signal: SIGTERM
+    summary = dict(step=step, stopped_by_signal=stopped, stop_signal=signum, resumed_from=resumed_from,
                    checksum=parallel.local_checksum(ckpt.state_to_tree(state)))
     if primary and step >= setup.total_steps:
         logger.info(f'done: step {step}, checkpoints in {checkpointer.directory}')

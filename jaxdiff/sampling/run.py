@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from jaxdiff.dir_lock import DirectoryLock
 from jaxdiff.sampling import generate as gen
 from jaxdiff.sampling import options, shards
 from jaxdiff.sampling.model import Model
@@ -92,30 +93,30 @@ def sample(model: Model, out_dir: str, *, first: int, end: int, batch_size: int 
                                 model=model.description, solver=dict(name=solver, **_jsonable(resolved)),
                                 transforms=described, base_seed=gen.BASE_SEED, array_record=array_record)
     primary = jax.process_index() == 0
-    os.makedirs(out_dir, exist_ok=True)
-    shards.check_plan(out_dir, record)
-    if primary and shards.read_manifest(out_dir) is None:
-        shards.write_manifest(out_dir, record)
+    with DirectoryLock(out_dir, 'sample.py', enabled=primary):  # one writer per sample folder
+        shards.check_plan(out_dir, record)
+        if primary and shards.read_manifest(out_dir) is None:
+            shards.write_manifest(out_dir, record)
 
-    owned = plan.owned(jax.process_index(), jax.process_count())
-    shards.remove_stale_temporaries(out_dir, owned)
-    todo = []
-    for k in owned:
-        if shards.shard_ok(out_dir, plan, k, image_shape, array_record):
-            continue
-        moved = shards.set_aside(out_dir, k)  # present but wrong: keep it aside, never delete it
-        if moved:
-            log(f'warning: {shards.shard_path(out_dir, k)} was damaged; moved to {moved} and regenerating it')
-        todo.append(k)
-    prefix = f'[process {jax.process_index()}/{jax.process_count()}] ' if jax.process_count() > 1 else ''
-    total = sum(len(plan.seeds(k)) for k in todo)
-    log(f'{prefix}{len(owned) - len(todo)} of {len(owned)} shard(s) already complete; {total:,} samples to go '
-        f'({solver}, batch {batch_size} on {devices} device(s))')
-    if todo:
-        _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels, image_shape,
-                         array_record, Progress(total, prefix, progress_every_s))
-    _finish(out_dir, plan, record, primary)
-    return record
+        owned = plan.owned(jax.process_index(), jax.process_count())
+        shards.remove_stale_temporaries(out_dir, owned)
+        todo = []
+        for k in owned:
+            if shards.shard_ok(out_dir, plan, k, image_shape, array_record):
+                continue
+            moved = shards.set_aside(out_dir, k)  # present but wrong: keep it aside, never delete it
+            if moved:
+                log(f'warning: {shards.shard_path(out_dir, k)} was damaged; moved to {moved} and regenerating it')
+            todo.append(k)
+        prefix = f'[process {jax.process_index()}/{jax.process_count()}] ' if jax.process_count() > 1 else ''
+        total = sum(len(plan.seeds(k)) for k in todo)
+        log(f'{prefix}{len(owned) - len(todo)} of {len(owned)} shard(s) already complete; {total:,} samples to go '
+            f'({solver}, batch {batch_size} on {devices} device(s))')
+        if todo:
+            _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels,
+                             image_shape, array_record, Progress(total, prefix, progress_every_s))
+        _finish(out_dir, plan, record, primary)
+        return record
 
 
 def _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels, image_shape,

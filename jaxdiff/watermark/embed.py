@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxdiff import files
 from jaxdiff.data.sources import make_source
+from jaxdiff.dir_lock import DirectoryLock
 from jaxdiff.tasks.watermark_codec import load_codec
 from jaxdiff.watermark import bits as bitlib
 
@@ -117,7 +118,6 @@ def embed(codec_run: str, out_dir: str, *, bits: str | None = None, bits_seed: i
     psnr = bitlib.psnr(watermarked, images)
     finite = psnr[np.isfinite(psnr)]
 
-    os.makedirs(out_dir, exist_ok=True)
     npz_path = os.path.join(out_dir, NPZ_FILE)
     arrays = {'images': watermarked}
     if data_info.num_classes > 0:
@@ -126,7 +126,6 @@ def embed(codec_run: str, out_dir: str, *, bits: str | None = None, bits_seed: i
     def write(tmp: str) -> None:
         with open(tmp, 'wb') as f:
             np.savez(f, **arrays)
-    files.atomic_write(npz_path, write)
     report = {
         'npz': os.path.abspath(npz_path),
         'bits': bitlib.bits_to_str(watermark),
@@ -145,5 +144,7 @@ def embed(codec_run: str, out_dir: str, *, bits: str | None = None, bits_seed: i
         'data': {k: data[k] for k in sorted(data.keys())},
         'train_with': f'--config.data.source=npz --config.data.path={os.path.abspath(npz_path)}',
     }
-    files.write_json(os.path.join(out_dir, JSON_FILE), report)
+    with DirectoryLock(out_dir, 'watermark.py embed'):  # one writer per output folder
+        files.atomic_write(npz_path, write)
+        files.write_json(os.path.join(out_dir, JSON_FILE), report)
     return report
