@@ -74,6 +74,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail('--workdir is required (a train.py run directory or a converted EDM checkpoint folder)', 2)
     if not _OUT.value:
         _fail('--out is required (the folder for the sample shards)', 2)
+    if _TOP.value is not None and not 0 < _TOP.value <= 1:
+        _fail(f'--filter_top={_TOP.value} must lie in (0, 1]: the fraction of each class kept', 2)
     return rest
 
 
@@ -104,11 +106,19 @@ def main(argv: list[str]) -> None:
 
     solver_options = {name: options.parse_value(flag.value) for name, flag in _SOLVER_FLAGS.items()
                       if flag.value is not None}
+    if _TOP.value is not None:  # checked now, not after sampling
+        from jaxdiff.metrics.feature_classifier import classifier_spec
+        try:
+            classifier_spec(_CLASSIFIER.value)
+        except ValueError as e:
+            _fail(f'--filter_classifier: {e}', 2)
     try:
         first, end = shards.parse_seeds(_SEEDS.value, _NUM.value)
         parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
         import jax
         model = load_model(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value)
+        if jax.process_index() == 0:
+            print('model: ' + ', '.join(f'{k} {v}' for k, v in model.description.items()), flush=True)
         labels = generate.make_labels(model.label_dim, _BALANCED.value, _LABELS.value)
         run.sample(model, _OUT.value, first=first, end=end, batch_size=_BATCH.value, shard_size=_SHARD.value,
                    solver=_SOLVER.value, solver_options=solver_options, transforms=_GUIDANCE.value, labels=labels,

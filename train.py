@@ -13,12 +13,11 @@ on the same --workdir is refused (exit 1) while the first runs.
 """
 from __future__ import annotations
 
-import re
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff.cli import exit_if_stopped, fail, quiet_checkpoint_echoes
+from jaxdiff.cli import CONFIG_ERRORS, config_flag_error, exit_if_stopped, fail, quiet_checkpoint_echoes
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file, e.g. configs/diffusion/digits.py.',
                                           lock_config=True)
@@ -41,14 +40,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         config = _CONFIG.value
         if config is not None:
             config.keys()  # the config file loads lazily: surface its errors here
-    except flags.Error as e:
-        _fail(_flag_error(str(e)), 2)
-    except (KeyError, AttributeError) as e:  # ml_collections: an override names a key the config does not have
-        _fail(_unknown_key(str(e.args[0]) if e.args else str(e), argv), 2)
-    except OSError as e:
-        _fail(f'cannot load --config: {str(e).strip().splitlines()[-1].strip()}', 2)
-    except (ValueError, TypeError) as e:
-        _fail(f'bad --config: {e}', 2)
+    except (flags.Error, *CONFIG_ERRORS) as e:
+        _fail(config_flag_error(e, argv, "its task's schema: jaxdiff/config.py for diffusion, "
+                                         'jaxdiff/tasks/<task>.py for the others'), 2)
     if config is None:
         _fail('--config is required, e.g. --config configs/diffusion/digits.py', 2)
     if not _WORKDIR.value:
@@ -56,33 +50,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def _unknown_key(text: str, argv: list[str] = ()) -> str:
-    """One line for an override naming a field the config lacks (full dotted path, with ml_collections' hint)."""
-    names = re.findall(r"[A-Za-z_][\w.]*", text.splitlines()[0] if text else '')
-    key = names[0] if names else text
-    hint = re.search(r'Did you mean "([\w.]+)"', text)
-    for arg in argv:  # report the full dotted path of the override that named it
-        match = re.match(r'--config\.([\w.]+)', arg)
-        if match and key in match.group(1).split('.'):
-            key = match.group(1)
-            break
-    suggestion = f'did you mean {hint.group(1)!r}? ' if hint else ''
-    return (f'unknown config key {key!r}: the config has no such field ({suggestion}every field is listed in its '
-            "task's schema: jaxdiff/config.py for diffusion, jaxdiff/tasks/<task>.py for the others)")
-
-
-def _flag_error(text: str) -> str:
-    match = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
-    if match:
-        return _unknown_key(match.group(1)[len('config.'):])
-    return text.splitlines()[0] if text else 'bad command line'
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         _fail(f'unexpected arguments {argv[1:]}; use --config.KEY=VALUE to override config fields', 2)
     logging.set_verbosity(logging.WARNING)
     quiet_checkpoint_echoes()
+    if not _PID.value:  # process 0 (or the only one) says what the first seconds are spent on
+        print(f'train.py: loading JAX and task {_CONFIG.value.get("task", "denoiser")!r} (data, model) ...', flush=True)
     from jaxdiff import parallel
     from jaxdiff.dir_lock import DirectoryLockedError
     from jaxdiff.engine import checkpoint as ckpt

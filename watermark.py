@@ -37,7 +37,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff.cli import exit_if_stopped, fail, quiet_checkpoint_echoes
+from jaxdiff.cli import CONFIG_ERRORS, config_flag_error, exit_if_stopped, fail, quiet_checkpoint_echoes
 
 PROG = 'watermark.py'
 COMMANDS = ('train_codec', 'embed', 'trigger')
@@ -104,24 +104,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         config = _F['config'].value
         if config is not None:
             config.keys()  # a config file loads lazily: surface its errors here
-    except flags.Error as e:
-        text = str(e)
-        match = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
-        if match:
-            _fail(f'unknown config key {match.group(1)[len("config."):]!r}: the config has no such field (every '
-                  'field is listed in jaxdiff/tasks/watermark_codec.py codec_config)', 2)
-        _fail(text.splitlines()[0] if text else 'bad command line', 2)
-    except (KeyError, AttributeError) as e:  # ml_collections: an override names a key the config does not have
-        text = str(e.args[0]) if e.args else str(e)
-        names = re.findall(r'[A-Za-z_]\w*', text.splitlines()[0]) or [text]
-        hint = re.search(r'Did you mean "([\w.]+)"', text)
-        key = next((k for k in overridden_keys(argv) if names[0] in k.split('.')), names[0])
-        _fail(f'unknown config key {key!r}: the config has no such field'
-              + (f' (did you mean {hint.group(1)!r}?)' if hint else ''), 2)
-    except OSError as e:
-        _fail(f'cannot load --config: {str(e).strip().splitlines()[-1].strip()}', 2)
-    except (ValueError, TypeError) as e:
-        _fail(f'bad --config: {e}', 2)
+    except (flags.Error, *CONFIG_ERRORS) as e:
+        _fail(config_flag_error(e, argv, 'jaxdiff/tasks/watermark_codec.py codec_config'), 2)
     if _F['command'] == 'train_codec':
         if config is None:
             _fail('--config is required, e.g. --config configs/watermark/digits.py', 2)

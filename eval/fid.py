@@ -43,6 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--save_stats', default=None, help='write the samples\' feature statistics (mu, sigma) here')
     ap.add_argument('--json', default=None, help='also write the result JSON object to this file')
     ap.add_argument('--label', default='', help='a name for this row in reports, e.g. "trained model"')
+    ap.add_argument('--allow_incomplete', action='store_true',
+                    help='score a sample folder sample.py has not finished (its JSON num_samples says how many)')
     args = ap.parse_args(argv)
     try:
         if args.protocol and args.seed_ranges:
@@ -51,7 +53,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else ()
         result = evaluate(args.samples, args.ref, args.features, inception_weights=args.inception_weights,
                           num_samples=args.num_samples, seed_ranges=ranges, save_stats=args.save_stats,
-                          label=args.label, log=lambda m: print(m, file=sys.stderr, flush=True))
+                          label=args.label, allow_incomplete=args.allow_incomplete,
+                          log=lambda m: print(m, file=sys.stderr, flush=True))
         line = json.dumps(result)
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -111,6 +111,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--checkpoint', default='auto', choices=('auto', 'best', 'latest'),
                    help='auto: best/ when present, else the newest checkpoint')
     p.add_argument('--data', default='digits:heldout', help='digits[:split], fashion_mnist[:split], .npz, sample dir')
+    p.add_argument('--allow_incomplete', action='store_true', help='use a sample dir sample.py has not finished')
     p.add_argument('--num', type=int, default=500, help='evaluate the first NUM examples (0 = all)')
     p.add_argument('--eps', type=float, default=None, help='attack radius in [0, 1] pixel units (default: the '
                                                             "run's training eps)")
@@ -172,7 +173,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
                         t_star=args.t_star, eot=args.eot, diffpure_steps=args.diffpure_steps,
                         smoothing=args.smoothing, sigma=args.sigma, n0=args.n0, n=args.n, alpha=args.alpha,
                         radii=args.radii if args.smoothing else DEFAULT_RADII, smoothing_batch=args.smoothing_batch,
-                        seed=args.seed, with_selection=args.selection, log=log)
+                        seed=args.seed, with_selection=args.selection, allow_incomplete=args.allow_incomplete,
+                        log=log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -46,6 +46,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument('--bits', help='the embedded bit string, e.g. 1100...')
     p.add_argument('--embedded', help='watermarked.json written by python watermark.py embed (holds the bits)')
     p.add_argument('--perturb', action='store_true', help='decode mode: add the image-perturbation rows')
+    p.add_argument('--allow_incomplete', action='store_true',
+                   help='decode mode: a sample folder sample.py has not finished')
     p.add_argument('--workdir', help='weight-noise mode: the diffusion model run trained on watermarked data')
     p.add_argument('--weight_noise', help='weight-noise mode: comma list of stds, e.g. 0,0.01,0.03,0.1,0.3')
     p.add_argument('--trigger', help='trigger mode: a trigger run (python watermark.py trigger or task=trigger)')
@@ -91,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             codec = load_codec(args.decoder)
             bits = read_bits(args.bits, args.embedded, int(codec.config.num_bits))
             if args.mode == 'decode':
-                result = run_decode(codec, args.samples, bits, args.perturb, args.seed)
+                result = run_decode(codec, args.samples, bits, args.perturb, args.seed, args.allow_incomplete)
                 rows, columns = result['rows'], ('perturbation', 'bit_acc', 'all_bits', 'n')
             else:
                 result = run_weight_noise(codec, args.workdir, bits, args.weight_noise, args.num_samples,

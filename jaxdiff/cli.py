@@ -18,6 +18,51 @@ def fail(prog: str, message: str, code: int) -> None:
     os._exit(code)
 
 
+CONFIG_ERRORS = (KeyError, AttributeError, SyntaxError, OSError, ValueError, TypeError)  # + absl's flags.Error
+
+
+def config_flag_error(exc: BaseException, argv: Sequence[str], schema_hint: str) -> str:
+    """One line for an error raised while absl parses ``--config FILE`` and its ``--config.KEY=VALUE`` overrides:
+    an unknown key (full dotted path, with ml_collections' 'did you mean'; ``schema_hint`` says where the fields are
+    listed), a config file with a syntax error or without get_config(), an unreadable file, a bad value."""
+    import re
+    path = _flag_value(argv, 'config')
+    text = str(exc.args[0]) if isinstance(exc, (KeyError, AttributeError)) and exc.args else str(exc)
+    if isinstance(exc, SyntaxError):
+        return f'--config {path}: syntax error at line {exc.lineno}: {exc.msg}; fix the file'
+    if isinstance(exc, AttributeError) and "no attribute 'get_config'" in text:
+        return (f'--config {path} defines no get_config(): a config file is a Python module whose get_config() '
+                'returns an ml_collections.ConfigDict (see configs/)')
+    unknown = re.search(r"Unknown command line flag '(config\.[^']+)'", text)
+    if isinstance(exc, (KeyError, AttributeError)) or unknown:
+        names = [unknown.group(1)[len('config.'):]] if unknown else re.findall(r'[A-Za-z_][\w.]*',
+                                                                                text.splitlines()[0] if text else '')
+        key = names[0] if names else text
+        for arg in argv:  # report the full dotted path of the override that named it
+            match = re.match(r'--config\.([\w.]+)', arg)
+            if match and key.split('.')[-1] in match.group(1).split('.'):
+                key = match.group(1)
+                break
+        hint = re.search(r'Did you mean "([\w.]+)"', text)
+        return (f'unknown config key {key!r}: the config has no such field ('
+                + (f'did you mean {hint.group(1)!r}? ' if hint else '') + f'every field is listed in {schema_hint})')
+    if isinstance(exc, OSError):
+        return f'cannot load --config: {text.strip().splitlines()[-1].strip() if text.strip() else path}'
+    if isinstance(exc, (ValueError, TypeError)):
+        return f'bad --config: {text}'
+    return text.splitlines()[0] if text else 'bad command line'
+
+
+def _flag_value(argv: Sequence[str], name: str) -> str:
+    """The value of ``--name=V`` or ``--name V`` in ``argv`` ('' if absent)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith(f'--{name}='):
+            return arg.split('=', 1)[1]
+        if arg == f'--{name}' and i + 1 < len(argv):
+            return argv[i + 1]
+    return ''
+
+
 def exit_if_stopped(summary: dict) -> None:
     """After a training run that a stop signal ended (saved, resumable): exit with the shell's code for that
     signal, 128 + its number (SIGTERM 143, SIGINT 130), so ``train.py ... && sample.py ...`` does not go on with

@@ -11,6 +11,8 @@ import os
 
 import ml_collections
 
+from jaxdiff import config_ranges as ranges
+
 
 def base_config() -> ml_collections.ConfigDict:
     """All training fields with defaults (EDM's CIFAR-10 DDPM++ recipe where the field has one)."""
@@ -74,6 +76,29 @@ def base_config() -> ml_collections.ConfigDict:
     c.parallel = ml_collections.ConfigDict()
     c.parallel.fsdp = 1             # size of the mesh's fsdp axis (params and optimizer state sharded over it)
     return c
+
+
+# The valid values of every field of :func:`base_config` (checked before any work: jaxdiff.config_ranges).
+RANGES: dict[str, ranges.Rule] = {
+    **ranges.COMMON, **ranges.DATA,
+    'task': ranges.one_of('denoiser', 'noisy_classifier'), 'sample_every': ranges.at_least(0, integer=True),
+    'data.source': ranges.one_of('digits', 'fashion_mnist', 'npz', 'folder', 'array_record', 'tfds', 'gmm2d'),
+    'data.use_labels': ranges.BOOL, 'data.xflip': ranges.BOOL, 'data.shuffle_seed': ranges.SEED,
+    'data.worker_count': ranges.at_least(0, integer=True),
+    'model.arch': ranges.one_of('ddpmpp', 'ncsnpp', 'adm', 'mlp'), 'model.precond': ranges.one_of('edm', 'vp', 've'),
+    'model.model_channels': ranges.COUNT, 'model.channel_mult': ranges.integers(1),
+    'model.channel_mult_emb': ranges.COUNT, 'model.num_blocks': ranges.COUNT,
+    'model.attn_resolutions': ranges.integers(1, nonempty=False), 'model.dropout': ranges.PROBABILITY,
+    'model.label_dropout': ranges.PROBABILITY, 'model.dtype': ranges.one_of('float32', 'bfloat16'),
+    'model.sigma_data': ranges.POSITIVE,
+    'loss.P_mean': ranges.NUMBER, 'loss.P_std': ranges.POSITIVE, 'loss.augment_p': ranges.FRACTION,
+    'loss.sigma_min': ranges.POSITIVE, 'loss.sigma_max': ranges.POSITIVE,
+    'optim.beta1': ranges.between(0, 1, open_hi=True), 'optim.beta2': ranges.between(0, 1, open_hi=True),
+    'optim.eps': ranges.POSITIVE, 'optim.lr_rampup_img': ranges.NON_NEGATIVE,
+    'ema.halflife_img': ranges.NON_NEGATIVE,
+    'ema.rampup_ratio': ranges.Rule(lambda v: v is None or ranges.NON_NEGATIVE.ok(v), '>= 0 or None'),
+    'sampling.num_images': ranges.COUNT, 'sampling.num_steps': ranges.COUNT, 'sampling.guidance': ranges.NUMBER,
+}
 
 
 def locked(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -27,6 +27,13 @@ class DirectoryLockedError(RuntimeError):
     """Another live process holds the directory (one line naming it)."""
 
 
+def check_directory(directory: str) -> None:
+    """NotADirectoryError (one line) when ``directory`` exists and is not a directory (checked before any work)."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise NotADirectoryError(f'{directory} is a file, not a directory; pass a directory path (it is created if '
+                                 'missing)')
+
+
 class DirectoryLock:
     """Exclusive lock of ``directory`` (created if missing) for the life of a ``with`` block (module docstring).
 
@@ -40,9 +47,7 @@ class DirectoryLock:
         self._fd: Optional[int] = None
 
     def __enter__(self) -> 'DirectoryLock':
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
-            raise NotADirectoryError(f'{self.directory} is a file, not a directory; pass a directory path (it is '
-                                     'created if missing)')
+        check_directory(self.directory)
         os.makedirs(self.directory, exist_ok=True)
         if not self.enabled:
             return self

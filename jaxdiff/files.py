@@ -1,4 +1,5 @@
-"""Small file helpers shared by every writer: atomic writes (temp file + rename) and file checksums.
+"""Small file helpers shared by every writer and reader: atomic writes (temp file + rename), file checksums and the
+one .npz reader (one error line for any unreadable file).
 
 A reader, or a run killed mid-write, sees either the old file or the whole new one, never half of it: the data
 go to ``<path>.tmp-<pid>`` in the same folder, are flushed to disk, and the temp file is renamed over ``path``.
@@ -46,3 +47,23 @@ def sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_npz(path: str, what: str = 'an .npz file') -> dict:
+    """Every array of the .npz at ``path`` as {name: np.ndarray}, read eagerly without pickles. A missing file is
+    FileNotFoundError; anything else unreadable (truncated or not a zip, a pickled array, a damaged member) is one
+    ValueError line naming ``path`` as ``what`` (e.g. 'a sample shard')."""
+    import zipfile
+
+    import numpy as np
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{what} not found: {path!r}')
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        if 'allow_pickle' in reason:
+            reason = 'it holds pickled objects, which are never loaded'
+        raise ValueError(f'{path} is not readable as {what} ({type(e).__name__}: {reason}); '
+                         'regenerate or replace the file') from e

@@ -28,6 +28,29 @@ LEGACY_CODEC_FILE = 'checkpoint.msgpack'  # the watermark codec's checkpoint bef
 TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger', 'feature_classifier')
 TRIGGER_DENOISER_DIR = 'denoiser'  # a finished trigger run's model as a denoiser run (jaxdiff.tasks.trigger)
 
+# For the one message of a run of the wrong kind: what each task's run is, what to do with it, how to make one.
+KIND = {'denoiser': 'diffusion model', 'noisy_classifier': 'noisy classifier', 'trigger': 'trigger fine-tuning',
+        'adversarial': 'adversarial-training (robust classifier)', 'watermark_codec': 'watermark codec',
+        'feature_classifier': 'feature classifier'}
+USE = {'denoiser': 'sample it with python sample.py --workdir {dir}',
+       'noisy_classifier': 'guide a diffusion model with it: sample.py --guidance classifier:run={dir}',
+       'trigger': 'sample its fine-tuned model with python sample.py --workdir {dir}',
+       'adversarial': 'evaluate it with python -m eval.robustness --workdir {dir}',
+       'watermark_codec': 'watermark a dataset with it: python watermark.py embed --codec {dir} --out DIR',
+       'feature_classifier': 'eval.fid uses it by name (--features)'}
+MAKE = {'denoiser': 'configs/diffusion/*.py', 'noisy_classifier': 'configs/classifier/*_noisy.py',
+        'trigger': 'configs/watermark/trigger_digits.py', 'adversarial': 'configs/robust/*.py',
+        'watermark_codec': 'configs/watermark/*.py', 'feature_classifier': 'configs/classifier/*_features.py'}
+
+
+def wrong_kind(workdir: str, task: str, want: str) -> str:
+    """The one line for a run of task ``task`` passed where a ``want`` run is needed: what it is, what it serves,
+    how to train the wanted kind."""
+    def a(kind: str) -> str:
+        return f'an {kind}' if kind[0] in 'aeiou' else f'a {kind}'
+    return (f'{workdir} is {a(KIND[task])} run, not {a(KIND[want])} run ({USE[task].format(dir=workdir)}); train '
+            f'{a(KIND[want])} with python train.py --config {MAKE[want]} --workdir NEW_RUN')
+
 
 class Run(NamedTuple):
     """A loaded run. variables: the chosen weights in the layout ``net.apply`` takes; step: the checkpoint's step;
@@ -42,11 +65,14 @@ class Run(NamedTuple):
     workdir: str
 
 
-def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, checkpoint: str = 'latest') -> Run:
+def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, checkpoint: str = 'latest',
+             want: Optional[str] = None) -> Run:
     """config.json + dataset_info.json + a checkpoint of a train.py run -> :class:`Run`, for every task.
 
     use_ema: the EMA weights (else the raw params); step: a checkpoint step (None = the newest usable one);
-    checkpoint: 'latest', or 'best' for an adversarial run's keep-best checkpoint (``RUN/best``).
+    checkpoint: 'latest', or 'best' for an adversarial run's keep-best checkpoint (``RUN/best``); want: the task the
+    caller needs (a finished trigger run counts as the denoiser it exported): another task is a ValueError
+    (:func:`wrong_kind`) before any weights are read.
     Raises FileNotFoundError / ValueError / CheckpointError with one-line messages.
     """
     from jaxdiff.engine import checkpoint as ckpt
@@ -64,7 +90,7 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
         if not os.path.isdir(export):
             raise FileNotFoundError(f'{workdir} is a trigger run that has not finished (no {TRIGGER_DENOISER_DIR}/ '
                                     'yet); rerun its command to finish it')
-        return load_run(export, use_ema=use_ema, step=step, checkpoint=checkpoint)
+        return load_run(export, use_ema=use_ema, step=step, checkpoint=checkpoint, want=want)
     folder = workdir
     if checkpoint == 'best':
         folder = os.path.join(workdir, BEST_DIR)
@@ -76,6 +102,8 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
             raise ValueError(f'{workdir} holds {LEGACY_CODEC_FILE}: a watermark codec written by an older jaxdiff; '
                              'retrain with python train.py --config configs/watermark/digits.py --workdir NEW_RUN')
         raise ckpt.CheckpointError(f'{workdir} has no checkpoints/ folder; train first or pass another --workdir')
+    if want is not None and task != want:
+        raise ValueError(wrong_kind(workdir, task, want))
     info = _dataset_info(workdir, config)
     state = ckpt.load_arrays(folder, step)
     weights = state['ema'] if use_ema and 'ema' in state else state['params']  # the codec has no EMA

@@ -41,6 +41,8 @@ def schema() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 10         # checkpoints kept
     c.lr = 1e-2                     # Adam learning rate
     c.nan_at = -1                   # step whose loss is made NaN (-1 = never)
+    c.skip_from = -1                # EDM's 'count' NaN policy: from this step on every update is non-finite,
+                                    # skipped and counted (-1 = 'raise' policy, no skipping)
     c.sleep = 0.0                   # seconds to sleep after each step (so a test can signal a running job)
     c.parallel = ml_collections.ConfigDict()
     c.parallel.fsdp = 1             # fsdp axis size
@@ -112,8 +114,13 @@ def make_step(config):
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * p, state.ema, params)
-        metrics = dict(loss=loss, lr=jnp.float32(config.lr))
-        return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state), metrics
+        bad = (config.skip_from >= 0) & (state.step >= config.skip_from)
+        params, ema = (jax.tree.map(lambda new, old: jnp.where(bad, old, new), a, b)
+                       for a, b in ((params, state.params), (ema, state.ema)))
+        nonfinite = state.nonfinite + bad.astype(jnp.int32)
+        metrics = dict(loss=loss, lr=jnp.float32(config.lr), nonfinite=nonfinite)
+        return state.replace(step=state.step + 1, params=params, ema=ema, opt_state=opt_state,
+                             nonfinite=nonfinite), metrics
 
     return step
 
@@ -128,7 +135,8 @@ def setup(config, workdir, mesh, keys) -> Setup:
     if config.sleep:
         callbacks.append(Callback('sleep', 1, lambda step, state: time.sleep(config.sleep)))
     return Setup(init=init, step=make_step(config), data=StepData(config), batch_size=config.batch_size,
-                 total_steps=config.total_steps, callbacks=callbacks, describe=['fake task'])
+                 total_steps=config.total_steps, callbacks=callbacks, describe=['fake task'],
+                 last=('lr', 'nonfinite'), nan_policy='count' if config.skip_from >= 0 else 'raise')
 
 
 TASK = Task('fake', schema, check, setup)

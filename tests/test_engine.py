@@ -179,6 +179,20 @@ def test_nan_loss_ends_with_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert ckpt.Checkpointer(str(tmp_path / 'run'), 3).steps() == [5]  # the bad state was never saved
 
 
+def test_a_run_whose_every_step_is_skipped_stops_with_one_line(tmp_path):
+    """EDM's 'count' policy skips non-finite steps and goes on, but a run that cannot progress (every step of 10 or
+    more skipped, e.g. sigma_data=0) stops: one line, the last checkpoint with a finite step kept. Also the short
+    stretch before the run's end and a stretch with finite steps in it (NonfiniteStreak alone)."""
+    with pytest.raises(ValueError, match=r'every step from 11 to 20 was non-finite .*the run cannot progress; the '
+                                         r'last checkpoint \(step 15\) is kept'):
+        loop.run(fake_task.TASK, fake_task.config_of(skip_from=10), str(tmp_path / 'run'))
+    assert ckpt.Checkpointer(str(tmp_path / 'run'), 3).steps() == [5, 10, 15]
+    streak = loop.NonfiniteStreak(100, 3)
+    assert streak.check(105, 7, last=False) is None           # 4 of 5 skipped: progress, the stretch restarts
+    assert streak.check(110, 12, last=False) is None          # 5 of 5, but fewer than 10 steps
+    assert streak.check(113, 15, last=True) == 'every step from 106 to 113 was non-finite'  # the end of the run
+
+
 def test_logged_metrics_are_interval_means_of_the_steps(reference):
     rows = logs.read_metrics(os.path.join(reference, logs.METRICS_FILE))
     assert [r['step'] for r in rows] == [5, 10, 15, 20, 25, 30]

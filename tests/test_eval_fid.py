@@ -2,6 +2,7 @@
 distance (real < model-like < noise), and one-line errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -31,11 +32,13 @@ def cache(tmp_path_factory):
 
 
 def write_folder(folder, images, labels, first=0, shard_size=200):
+    """A finished sample.py folder: its shards and the complete manifest."""
     folder.mkdir()
     plan = shards.Plan(first, first + len(images), shard_size)
     for k in range(plan.num_shards):
         rows = slice(k * shard_size, (k + 1) * shard_size)
         shards.write_shard(str(folder), k, images[rows], labels[rows], plan.seeds(k), 10)
+    shards.write_manifest(str(folder), shards.plan_record(plan), shards.shard_entries(str(folder), plan))
 
 
 def cli(*args, env=None):
@@ -87,10 +90,36 @@ def test_cli_json_line_and_stats_file(cache, tmp_path, capsys):
     assert json.load(open(tmp_path / 'r.json')) == a
 
 
-def test_one_line_errors(cache, tmp_path, monkeypatch):
+def damaged_inputs(tmp_path) -> dict:
+    """A finished 2-shard sample folder of held-out digits and its damaged variants (interrupted: manifest
+    complete=false; holed: a shard missing; torn: a shard cut in half), a random-bytes .npz and NaN statistics."""
+    from jaxdiff.metrics.feature_classifier import dataset_split
+    images, labels = dataset_split('digits_classifier', 'heldout')
+    write_folder(tmp_path / 'done', images[:400], labels[:400])
+    out = {}
+    for name in ('interrupted', 'holed', 'torn'):
+        out[name] = tmp_path / name
+        shutil.copytree(tmp_path / 'done', out[name])
+    manifest = json.loads((out['interrupted'] / 'manifest.json').read_text())
+    (out['interrupted'] / 'manifest.json').write_text(json.dumps(dict(manifest, complete=False, shards=[])))
+    (out['holed'] / 'shard-00001.npz').unlink()
+    torn = out['torn'] / 'shard-00000.npz'
+    torn.write_bytes(torn.read_bytes()[:torn.stat().st_size // 2])
+    out['junk'] = tmp_path / 'junk.npz'
+    out['junk'].write_bytes(np.random.default_rng(0).bytes(5000))
+    out['nan_stats'] = tmp_path / 'nan_stats.npz'
+    np.savez(out['nan_stats'], mu=np.full(8, np.nan), sigma=np.eye(8))
+    return out
+
+
+def test_one_line_errors(cache, tmp_path, monkeypatch, capsys):
+    """Bad inputs end in one line naming the file; a score never comes from an unfinished sample folder unless
+    asked for (--allow_incomplete: the JSON says how many images it used)."""
     (tmp_path / 'empty').mkdir()
     small = tmp_path / 'small.npz'
     np.savez(small, images=np.zeros((10, 16, 16, 1), np.uint8))
+    bad = damaged_inputs(tmp_path)
+    digits = ['--features', 'digits_classifier']
     cases = [
         (['--samples', tmp_path / 'empty', '--ref', 'digits', '--features', 'digits_classifier'], 'no images'),
         (['--samples', small, '--ref', 'digits', '--features', 'digits_classifier'], 'image sizes differ'),
@@ -99,6 +128,11 @@ def test_one_line_errors(cache, tmp_path, monkeypatch):
         (['--samples', 'digits', '--ref', 'digits'], '--inception_weights'),
         (['--samples', 'digits', '--ref', 'digits', '--features', 'inception', '--inception_weights',
           tmp_path / 'missing.pth'], 'missing.pth'),
+        (['--samples', bad['interrupted'], '--ref', 'digits', *digits], 'interrupted is incomplete'),
+        (['--samples', bad['holed'], '--ref', 'digits', *digits], 'holed lacks 1 of the 2 shards'),
+        (['--samples', bad['torn'], '--ref', 'digits', *digits], 'shard-00000.npz is not readable as a sample shard'),
+        (['--samples', 'digits', '--ref', bad['junk'], *digits], 'junk.npz is not readable'),
+        (['--samples', 'digits', '--ref', bad['nan_stats'], *digits], 'nan_stats.npz holds NaN or inf'),
     ]
     # The first case as users run it (a subprocess: one line, exit 1, no traceback); the rest in this process, with
     # fail's exit turned into SystemExit (a subprocess each would cost ~5 s of imports).
@@ -120,6 +154,10 @@ def test_one_line_errors(cache, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit:
         fid_cli.main(['--samples', 'digits'])
     assert exit.value.code == (2, 'eval.fid: error: the following arguments are required: --ref')
+    capsys.readouterr()
+    assert fid_cli.main(['--samples', str(bad['holed']), '--ref', 'digits', *digits, '--allow_incomplete']) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])['num_samples'] == 200 and 'scoring the 200 images present' in err
 
 
 def test_inception_features_give_fid(tmp_path):

@@ -150,7 +150,8 @@ def test_one_line_errors(run_dir, tmp_path, monkeypatch):
         (['--workdir', run_dir, '--data', nolabels], 1, 'needs "images" and "labels"'),
         (['--workdir', run_dir, '--attacks', 'pgd40,cw'], 2, "unknown attack 'cw'"),
         (['--workdir', run_dir, '--eps', '-1'], 2, '--eps must be >= 0'),
-        (['--workdir', run_dir, '--smoothing', run_dir], 1, "is a 'adversarial' run, not a diffusion model"),
+        (['--workdir', run_dir, '--smoothing', run_dir], 1, f'--smoothing: {run_dir} is an adversarial-training '
+                                                               '(robust classifier) run, not a diffusion model run'),
         (['--eps', '0.1'], 2, '--workdir RUN is required'),
     ]
     for argv, code, text in cases:
@@ -161,7 +162,9 @@ def test_one_line_errors(run_dir, tmp_path, monkeypatch):
     # sample.py's loader says what the run is (jaxdiff.runs reads every task's run)
     from jaxdiff.runs import load_run
     from jaxdiff.sampling.model import load_model
-    with pytest.raises(ValueError, match=r'adversarial-training run \(a robust classifier\), not a diffusion model'):
+    with pytest.raises(ValueError, match=r'adversarial-training \(robust classifier\) run, not a diffusion model run '
+                                         r'\(evaluate it with python -m eval.robustness --workdir .*\); train a '
+                                         r'diffusion model with python train.py --config configs/diffusion/\*.py'):
         load_model(run_dir)
     best = load_run(run_dir, checkpoint='best')
     assert (best.task, best.step, best.checkpoint, sorted(best.variables)) == ('adversarial', 20, 'best',

@@ -141,7 +141,8 @@ def test_trained_run_feeds_guidance(tiny_runs):
     np.testing.assert_allclose(np.asarray(transform(shrink)(x, sigma, cond)),
                                np.asarray(classifier_guidance(log_prob, 2.0)(shrink)(x, sigma, cond)), rtol=1e-6)
     from jaxdiff.sampling.model import load_model
-    with pytest.raises(ValueError, match='noisy classifier run'):
+    with pytest.raises(ValueError, match=r'is a noisy classifier run, not a diffusion model run \(guide a diffusion '
+                                         r'model with it: sample.py --guidance classifier:run='):
         load_model(str(tmp_path))
 
 

@@ -5,6 +5,9 @@ import os
 import socket
 import sys
 
+import numpy as np
+from PIL import Image
+
 from conftest import run_together, snapshot
 from jaxdiff.dir_lock import LOCK_FILE, DirectoryLock
 
@@ -29,7 +32,7 @@ def test_writers_refuse_a_held_directory_and_a_file_in_one_line(env, run_dir, tm
     line naming the holder (program, pid, host) or the file; the run and the folder are unchanged."""
     out, a_file = tmp_path / 'samples', tmp_path / 'not_a_dir'
     a_file.write_text('a file')
-    train = [sys.executable, 'train.py', '--config', TINY, '--config.total_steps=40']
+    train = [sys.executable, 'train.py', '--config', TINY]  # the run's own config: it gets as far as the lock
     sample = [sys.executable, 'sample.py', '--workdir', run_dir, '--num_samples', '4', '--num_steps', '2']
     with DirectoryLock(run_dir, 'the test holder'), DirectoryLock(str(out), 'the test holder'):
         before = snapshot(run_dir)
@@ -42,3 +45,49 @@ def test_writers_refuse_a_held_directory_and_a_file_in_one_line(env, run_dir, tm
     for result in results[2:]:
         assert_one_line_error(result, 1, str(a_file), 'is a file, not a directory')
     assert a_file.read_text() == 'a file'
+
+
+def test_bad_values_and_damaged_inputs_end_in_one_line_before_anything_is_written(env, run_dir, tmp_path):
+    """A config value no run can use, a config file that is not one, solver options out of range, a filter fraction
+    above 1, a torn .npz, an unreadable PNG, negative labels: the documented exit code and one line naming the key
+    or the file, and no output folder created."""
+    bad_syntax, no_get = tmp_path / 'bad_syntax.py', tmp_path / 'no_get.py'
+    bad_syntax.write_text('def get_config(:\n    pass\n')
+    no_get.write_text('def make():\n    return 1\n')
+    torn = tmp_path / 'torn.npz'
+    np.savez(torn, images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10)
+    torn.write_bytes(torn.read_bytes()[:300])
+    negative = tmp_path / 'negative.npz'
+    np.savez(negative, images=np.zeros((20, 8, 8, 1), np.uint8), labels=np.arange(20) % 10 - 1)
+    pngs = tmp_path / 'pngs'
+    pngs.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(pngs / 'a.png')
+    (pngs / 'b.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not an image' * 10)
+    outs = iter(tmp_path / f'out{i}' for i in range(100))  # one output folder per command: none may appear
+
+    def train(*extra):
+        return [sys.executable, 'train.py', '--config', TINY, '--workdir', str(next(outs)), *extra]
+
+    def sample(*extra):
+        return [sys.executable, 'sample.py', '--workdir', run_dir, '--out', str(next(outs)), '--num_samples', '4',
+                *extra]
+
+    cases = [
+        (train('--config.optim.lr=-0.001'), 1, 'config.optim.lr=-0.001 is out of range: it must be > 0'),
+        (train('--config.model.sigma_data=0'), 1, 'config.model.sigma_data=0.0 is out of range: it must be > 0'),
+        ([sys.executable, 'train.py', '--config', str(bad_syntax), '--workdir', str(next(outs))], 2,
+         f'--config {bad_syntax}: syntax error at line 1'),
+        ([sys.executable, 'train.py', '--config', str(no_get), '--workdir', str(next(outs))], 2,
+         'defines no get_config()'),
+        (sample('--num_steps', '0'), 1, "--num_steps=0 is out of range for solver 'edm': it must be an integer"),
+        (sample('--filter_top', '1.5'), 2, '--filter_top=1.5 must lie in (0, 1]'),
+        (train('--config.data.source=npz', f'--config.data.path={torn}'), 1,
+         f'{torn} is not readable as an image dataset (.npz)'),
+        (train('--config.data.source=folder', f'--config.data.path={pngs}'), 1,
+         f'{pngs}/b.png is not a readable image'),
+        (train('--config.data.source=npz', f'--config.data.path={negative}'), 1, 'has label -1: class labels'),
+    ]
+    results = run_together([command for command, _, _ in cases], env, ROOT)
+    for (command, code, needle), result in zip(cases, results):
+        assert_one_line_error(result, code, needle)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('out')]

@@ -77,6 +77,7 @@ def test_eight_devices_and_resume_after_kill(env, run_dir, tmp_path):
     args = ['--workdir', run_dir, '--num_samples', 96, '--shard_size', 8, *FAST]
     one = sample_cli(env, *args, '--out', tmp_path / 'one', '--batch_size', 8)
     assert one.returncode == 0, one.stderr[-3000:]
+    assert f'model: kind train_run, path {os.path.abspath(run_dir)}, step 7, params ema' in one.stdout  # what it loaded
     env8 = dict(env, XLA_FLAGS=xla_flags(8))
     eight = sample_cli(env8, *args, '--out', tmp_path / 'eight', '--batch_size', 16)
     assert eight.returncode == 0, eight.stderr[-3000:]

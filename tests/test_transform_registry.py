@@ -90,10 +90,18 @@ def test_bad_specs_name_the_problem(tmp_path):
     ctx = context(schedules.ddpm_sigmas(8))
     with pytest.raises(ValueError, match="unknown transform 'cgf'.*cfg"):
         registry.build('cgf', {}, ctx)
-    with pytest.raises(ValueError, match="'wieght' is not a key of cfg"):
+    with pytest.raises(ValueError, match="transform cfg: unknown key 'wieght' \\(did you mean 'weight'\\?\\)"):
         registry.build('cfg', {'wieght': 2}, ctx)
-    with pytest.raises(ValueError, match='usage: sld:concept=CLASS'):
+    with pytest.raises(ValueError, match="unknown key 'gama' \\(did you mean 'gamma'\\?\\); it takes run, unsafe"):
+        registry.build('unguidance', {'run': 'r', 'unsafe': 1, 'gama': 3}, ctx)  # before the run is read
+    with pytest.raises(ValueError, match="unknown key 'strength'; it takes concept, preset, guidance_scale, "
+                                         'warmup_steps'):
         registry.build('sld', {'concept': 3, 'strength': 2}, ctx)
+    for options_, match in (({'num_steps': 0}, 'num_steps=0 is out of range .* an integer >= 1'),
+                            ({'S_churn': -1.0}, 'S_churn=-1.0 is out of range .* >= 0'),
+                            ({'sigma_min': 5.0, 'sigma_max': 1.0}, 'sigma_min=5.0 must be below --sigma_max=1.0')):
+        with pytest.raises(ValueError, match=match):
+            options.resolve_solver('edm', options_, (0.002, 80.0))
     with pytest.raises(ValueError, match=r'unsafe=11 must be a class index'):
         registry.build('safe_classifier', {'run': 'r', 'unsafe': 11}, ctx)
     with pytest.raises(ValueError, match=r'concept=\(3, 4\) must be one class index'):

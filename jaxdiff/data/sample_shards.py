@@ -15,6 +15,8 @@ import zipfile
 
 import numpy as np
 
+from jaxdiff import files
+
 _LOCAL_HEADER = struct.Struct('<4sHHHHHIIIHH')  # a zip file's local file header (30 bytes)
 
 
@@ -66,8 +68,7 @@ class ShardImages:
         for path in self.paths:
             try:
                 start, shape, dtype = member_data_offset(path, 'images.npy')
-                with np.load(path, allow_pickle=False) as npz:
-                    labels.append(npz['labels'].astype(np.int32))
+                labels.append(files.read_npz(path, 'a sample shard')['labels'].astype(np.int32))
             except (OSError, KeyError, zipfile.BadZipFile) as e:
                 raise ValueError(f'{path} is not a readable sample shard ({type(e).__name__}: {e})') from e
             if dtype != np.uint8 or len(shape) != 4 or shape[0] != len(labels[-1]):

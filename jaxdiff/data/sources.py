@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff.data import records
 from jaxdiff.data.arrays import as_nhwc, num_classes_of
 
@@ -135,14 +136,29 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     """A .npz with ``images`` uint8 (N, H, W[, C]) and optional ``labels`` -> (N, H, W, C), int32 (N,) or None."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'npz file not found: {path!r}; set --config.data.path to an .npz with an "images" array')
-    with np.load(path, allow_pickle=False) as npz:
-        if 'images' not in npz:
-            raise ValueError(f'{path} has no "images" array (found {sorted(npz.files)}); save it with np.savez(path, images=..., labels=...)')
-        images = as_nhwc(npz['images'], path)
-        labels = npz['labels'].astype(np.int32) if 'labels' in npz else None
+    npz = files.read_npz(path, 'an image dataset (.npz)')
+    if 'images' not in npz:
+        raise ValueError(f'{path} has no "images" array (found {sorted(npz)}); save it with np.savez(path, '
+                         'images=..., labels=...)')
+    images = as_nhwc(npz['images'], path)
+    labels = npz['labels'].astype(np.int32) if 'labels' in npz else None
     if labels is not None and labels.shape != images.shape[:1]:
         raise ValueError(f'{path}: labels have shape {labels.shape}, expected ({len(images)},)')
     return images, labels
+
+
+def _unreadable_image(path: str, error: BaseException) -> str:
+    return f'{path} is not a readable image ({type(error).__name__}: {error}); remove or replace the file'
+
+
+def _open_image(path: str):
+    """Pillow's Image of ``path`` (a context manager); ValueError (one line naming the file) if Pillow cannot read
+    it."""
+    from PIL import Image  # pylint: disable=import-outside-toplevel
+    try:
+        return Image.open(path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(_unreadable_image(path, e)) from e
 
 
 class FolderSource:
@@ -161,10 +177,9 @@ class FolderSource:
         self.labels = self._labels()
 
     def _common_shape(self) -> tuple[int, int, int]:
-        from PIL import Image  # pylint: disable=import-outside-toplevel
         first = None
         for name in self.files:
-            with Image.open(os.path.join(self.folder, name)) as image:
+            with _open_image(os.path.join(self.folder, name)) as image:
                 size, mode = image.size, image.mode
             if mode not in ('L', 'RGB'):
                 raise ValueError(f'{name} in {self.folder} has mode {mode}; convert the images to RGB or L')
@@ -180,8 +195,12 @@ class FolderSource:
         path = os.path.join(self.folder, 'dataset.json')
         if not os.path.exists(path):
             return None
-        with open(path) as f:
-            pairs = json.load(f).get('labels')
+        try:
+            with open(path) as f:
+                pairs = json.load(f).get('labels')
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f'{path} is unreadable ({type(e).__name__}: {e}); it must be JSON like EDM\'s '
+                             'dataset.json: {"labels": [["file.png", class], ...]}') from e
         if pairs is None:
             return None
         table = dict(pairs)
@@ -194,9 +213,12 @@ class FolderSource:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        from PIL import Image  # pylint: disable=import-outside-toplevel
-        with Image.open(os.path.join(self.folder, self.files[index])) as image:
-            array = np.asarray(image)
+        path = os.path.join(self.folder, self.files[index])
+        with _open_image(path) as image:
+            try:
+                array = np.asarray(image)
+            except (OSError, SyntaxError, ValueError) as e:  # the pixels are decoded here: a truncated file fails
+                raise ValueError(_unreadable_image(path, e)) from e
         label = 0 if self.labels is None else self.labels[index]
         return dict(image=array.reshape(self.shape), label=label)
 
@@ -211,12 +233,13 @@ def _raw_source(config: Any) -> tuple[Any, tuple[int, int, int], int]:
             images, labels = load_fashion_mnist(config.path or FASHION_MNIST_DIR, config.split)
         else:
             images, labels = load_npz(config.path)
-        num_classes = num_classes_of(labels)
+        num_classes = num_classes_of(labels, f'data.source={name} {config.path}') if config.use_labels else 0
         labels = np.zeros(len(images), np.int32) if labels is None else labels
         return ArraySource(images, labels), images.shape[1:], num_classes
     if name == 'folder':
         source = FolderSource(config.path)
-        return source, source.shape, num_classes_of(source.labels)
+        num_classes = num_classes_of(source.labels, f'{config.path}/dataset.json') if config.use_labels else 0
+        return source, source.shape, num_classes
     if name == 'array_record':
         source = records.ArrayRecordSource(config.path)
         return source, source.shape, source.num_classes

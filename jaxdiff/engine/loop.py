@@ -20,15 +20,18 @@ gradients and counted the event (EDM's rule), and goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
+import time
+from typing import Optional
 
 import jax
 import numpy as np
 
-from jaxdiff import files, parallel
-from jaxdiff.dir_lock import DirectoryLock
+from jaxdiff import config_ranges, files, parallel
+from jaxdiff.dir_lock import DirectoryLock, check_directory
 from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine import log as logs
 from jaxdiff.engine.signals import StopSignal
@@ -49,19 +52,24 @@ def check_common(config) -> None:
 
 def run(task, config, workdir: str, *, allow_config_change: bool = False, stream=None) -> dict:
     """Train ``task`` with ``config`` in ``workdir`` (resuming from its newest usable checkpoint); returns
-    {'step', 'stopped_by_signal', 'stop_signal' (its number, or None), 'resumed_from' (step or None), 'checksum' (:func:`jaxdiff.parallel.local_checksum`
-    of the final state), **the task's summary}. stream: where the primary process's progress lines go (default
-    stdout).
+    {'step', 'stopped_by_signal', 'stop_signal' (its number, or None), 'resumed_from' (step or None), 'checksum'
+    (:func:`jaxdiff.parallel.local_checksum` of the final state), **the task's summary}. stream: where the primary
+    process's progress lines go (default stdout).
 
     Raises ValueError / FileNotFoundError (bad config or data, diverged loss), ckpt.ConfigMismatchError (the workdir
     holds another config), ckpt.CheckpointError (every checkpoint damaged), NotADirectoryError (workdir is a file),
     DirectoryLockedError (another process trains in workdir) with one-line messages; nothing saved is deleted.
     """
+    config_ranges.check(config, task.ranges)
     task.check(config)
     check_common(config)
-    # one writer per run directory (process 0 of a job holds it); from here on SIGTERM/SIGINT stop the run cleanly
-    with DirectoryLock(workdir, f'training ({task.name})', enabled=jax.process_index() == 0), StopSignal() as stop:
-        return _run(task, config, workdir, allow_config_change, stop, stream)
+    check_directory(workdir)
+    # From here on SIGTERM/SIGINT stop the run cleanly. The workdir's lock (one writer; process 0 of a job holds it)
+    # is taken once the config, data and model are known good, right before the first read of checkpoints, so a
+    # refused command writes nothing.
+    lock = DirectoryLock(workdir, f'training ({task.name})', enabled=jax.process_index() == 0)
+    with contextlib.ExitStack() as held, StopSignal() as stop:
+        return _run(task, config, workdir, allow_config_change, stop, stream, lambda: held.enter_context(lock))
 
 
 def run_keys(seed: int, mesh) -> RunKeys:
@@ -98,12 +106,39 @@ def _accumulating_step(setup: Setup, acc_class):
     return step
 
 
+class NonfiniteStreak:
+    """The 'count' NaN policy's guard. EDM's rule skips a step whose loss or gradients are non-finite and goes on,
+    which is right for a rare bad batch; but when every step over a stretch of at least ``MIN_STEPS`` (or every step
+    up to the run's end) is skipped, the run cannot progress (e.g. ``model.sigma_data=0``), and it stops instead of
+    ending 'done' with untrained weights. Checked at each log / checkpoint / callback boundary from the task's
+    cumulative ``nonfinite`` metric; a boundary interval with a finite step starts the stretch anew."""
+    MIN_STEPS = 10
+
+    def __init__(self, step: int, count: int):
+        self.since_step, self.since_count = step, count
+
+    def check(self, step: int, count: int, last: bool) -> Optional[str]:
+        """None, or what went wrong, after ``step`` steps with ``count`` non-finite ones in the whole run."""
+        steps, bad = step - self.since_step, count - self.since_count
+        if bad < steps:
+            self.since_step, self.since_count = step, count
+            return None
+        if steps >= self.MIN_STEPS or (last and steps > 0):
+            return f'every step from {self.since_step + 1} to {step} was non-finite'
+        return None
+
+
+def _kept(checkpointer: ckpt.Checkpointer) -> str:
+    saved = checkpointer.steps()
+    return f'the last checkpoint (step {saved[-1]}) is kept' if saved else 'no checkpoint was saved yet'
+
+
 def _zeros(shapes, sharding):
     """An empty clu accumulator (every total and count 0) laid out as ``sharding``."""
     return jax.device_put(jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes), sharding)
 
 
-def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal, stream) -> dict:
+def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal, stream, take_lock) -> dict:
     primary = jax.process_index() == 0
     multiprocess = jax.process_count() > 1
     schema = task.schema()
@@ -121,6 +156,7 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
     shardings = parallel.fsdp_shardings(mesh, abstract)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
+    take_lock()
     checkpointer = ckpt.Checkpointer(workdir, int(config.get('keep_checkpoints', 2)))
     restored = checkpointer.restore_latest(abstract)
     data_note = ''
@@ -154,6 +190,7 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
 
     step = int(jax.device_get(state_step(state)))
     first_step, stopped = step, False
+    streak = NonfiniteStreak(step, int(jax.device_get(state.nonfinite))) if setup.nan_policy == 'count' else None
     replicated = parallel.replicated(mesh)
     try:
         if step < setup.total_steps:
@@ -166,6 +203,8 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
                               out_shardings=(shardings, replicated), donate_argnums=(0, 1),
                               compiler_options=setup.compiler_options)
             acc = _zeros(acc_shapes, replicated)
+            logger.info(f'compiling the step; step {step + 1} runs once it is compiled')
+            started = time.time()
         while step < setup.total_steps:
             if step != first_step:
                 batch = parallel.host_to_global(setup.data.batch(step), mesh)
@@ -173,6 +212,7 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
             step += 1
             if step == first_step + 1:
                 jax.block_until_ready(acc)  # exclude compilation from img/s
+                logger.info(f'step {step} done {time.time() - started:.1f} s after the start of compilation')
                 logger.start_interval(step)
             last = step == setup.total_steps
             is_log = step % config.log_every == 0 or last
@@ -186,10 +226,14 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
             scalars = {k: float(v) for k, v in jax.device_get(acc.compute()).items()}
             if setup.nan_policy == 'raise' and not math.isfinite(scalars.get('loss', 0.0)):
                 checkpointer.close()
-                saved = checkpointer.steps()
-                kept = f'the last checkpoint (step {saved[-1]}) is kept' if saved else 'no checkpoint was saved yet'
-                raise ValueError(f'loss is {scalars["loss"]} by step {step}: training diverged; {kept}; lower the '
-                                 'learning rate or check the data, then rerun')
+                raise ValueError(f'loss is {scalars["loss"]} by step {step}: training diverged; {_kept(checkpointer)}; '
+                                 'lower the learning rate or check the data, then rerun')
+            problem = streak and streak.check(step, int(scalars['nonfinite']), last)
+            if problem:
+                checkpointer.close()
+                raise ValueError(f'{problem} (loss or gradients NaN/inf; EDM\'s rule skipped those updates): the run '
+                                 f'cannot progress; {_kept(checkpointer)}; check the config (e.g. model.sigma_data, '
+                                 'optim.lr) and the data, then rerun')
             logger.pause()
             extra: dict = {}
             for callback in due:
@@ -199,6 +243,8 @@ def _run(task, config, workdir: str, allow_config_change: bool, stop: StopSignal
                 logger.write(step, scalars, extra)
                 acc = _zeros(acc_shapes, replicated)  # a new buffer: the step donates the old one
             if is_save:
+                if last:
+                    logger.info(f'writing the final checkpoint (step {step})')
                 logger.pause()
                 checkpointer.save(state, ckpt.gather_data_states(setup.data.get_state()), config)
                 logger.resume()

@@ -7,7 +7,9 @@ A task is a :class:`Task` record, one per ``jaxdiff/tasks/*.py`` file (``TASK = 
 - ``check(config)``: one clear ``ValueError`` for settings no run can use (called before any backend starts);
 - ``setup(config, workdir, mesh, keys) -> Setup``: build model(s), data and callbacks for this process;
 - ``upgrade(saved: dict) -> dict``: a run's saved config.json in today's field names (renamed fields), so an
-  older run resumes and loads without a config change (default: unchanged).
+  older run resumes and loads without a config change (default: unchanged);
+- ``ranges``: {dotted key: :class:`jaxdiff.config_ranges.Rule`} for every schema field, checked by the engine
+  before ``check``.
 
 ``keys`` is :class:`RunKeys`: three replicated PRNG keys split from ``config.seed`` (init, train, extra); the train
 key reaches every step, which folds in the step number, so a resumed run repeats the uninterrupted one.
@@ -18,10 +20,12 @@ calls); a task has no loop of its own.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
 import jax
 import numpy as np
+
+from jaxdiff.config_ranges import Rule
 
 class RunKeys(NamedTuple):
     """Replicated PRNG keys of a run, ``split(key(config.seed), 3)``: init (fresh state), train (folded with the
@@ -87,8 +91,9 @@ class Setup:
     last: metric names logged as their last value in an interval (lr, a cumulative count); the others averaged;
     integers: metric names written as integers;
     nan_policy: 'raise' (a non-finite loss ends the run with one line, the last checkpoint kept and the bad state
-        never saved) or 'count' (the step has already neutralised non-finite gradients and counted them, EDM's
-        rule: the run goes on);
+        never saved) or 'count' (the step has already neutralised non-finite gradients and counted them in
+        ``state.nonfinite`` and a last-value ``nonfinite`` metric, EDM's rule: the run goes on, unless every step of
+        a stretch is non-finite: :class:`jaxdiff.engine.loop.NonfiniteStreak`);
     info: the DatasetInfo the model was built for (written to dataset_info.json), or None;
     done: called with the final state when the loop ends, finished or stopped by a signal (outputs that need a
         finished run belong in an at-end :class:`Callback`); its returned dict is merged into :func:`run`'s
@@ -124,6 +129,7 @@ class Task:
     check: Callable[[Any], None]
     setup: Callable[[Any, str, Any, RunKeys], Setup]
     upgrade: Callable[[dict], dict] = unchanged
+    ranges: Mapping[str, Rule] = dataclasses.field(default_factory=dict)
 
 
 def state_step(state) -> Any:

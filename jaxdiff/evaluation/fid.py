@@ -9,6 +9,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from jaxdiff import files
+
 EDM_SEED_RANGES = ((0, 49_999), (50_000, 99_999), (100_000, 149_999))
 DATASETS = {'digits': 'digits_classifier', 'fashion_mnist': 'fashion_mnist_classifier'}
 
@@ -18,8 +20,9 @@ class ImageSet(dict):
     statistics file, {'mu': (D,), 'sigma': (D, D)}."""
 
 
-def load_image_set(spec: str) -> ImageSet:
-    """An image set (see the module docstring) by its command-line spec; errors are one-line."""
+def load_image_set(spec: str, allow_incomplete: bool = False) -> ImageSet:
+    """An image set (see the module docstring) by its command-line spec; errors are one-line. A sample folder must
+    be finished (manifest complete, every shard present) unless ``allow_incomplete``."""
     from jaxdiff.data.arrays import as_nhwc
     from jaxdiff.data.sources import FolderSource
     from jaxdiff.sampling import shards
@@ -30,7 +33,7 @@ def load_image_set(spec: str) -> ImageSet:
         return ImageSet(images=images, labels=labels, seeds=None)
     if os.path.isdir(spec):
         if any(n.startswith('shard-') and n.endswith('.npz') for n in os.listdir(spec)):
-            data = shards.load_samples(spec)
+            data = shards.load_samples(spec, allow_incomplete)
             return ImageSet(images=data['images'], labels=data['labels'], seeds=data['seeds'])
         try:
             source = FolderSource(spec)
@@ -41,12 +44,14 @@ def load_image_set(spec: str) -> ImageSet:
                              f'write samples with python sample.py --out {spec}') from None
         return ImageSet(images=np.stack([source[i]['image'] for i in range(len(source))]), labels=None, seeds=None)
     if spec.endswith('.npz') and os.path.isfile(spec):
-        with np.load(spec, allow_pickle=False) as npz:
-            if 'mu' in npz and 'sigma' in npz:
-                return ImageSet(mu=npz['mu'], sigma=npz['sigma'])
-            if 'images' in npz:
-                return ImageSet(images=as_nhwc(npz['images'], spec), labels=None, seeds=None)
-            raise ValueError(f'{spec} holds neither images nor statistics (mu, sigma); found {sorted(npz.files)}')
+        npz = files.read_npz(spec, 'an image set or statistics file')
+        if 'mu' in npz and 'sigma' in npz:
+            from jaxdiff.metrics.frechet import load_stats
+            mu, sigma = load_stats(spec)  # checked: shapes, finite
+            return ImageSet(mu=mu, sigma=sigma)
+        if 'images' in npz:
+            return ImageSet(images=as_nhwc(npz['images'], spec), labels=None, seeds=None)
+        raise ValueError(f'{spec} holds neither images nor statistics (mu, sigma); found {sorted(npz)}')
     raise FileNotFoundError(f'{spec!r} is not an image set: give a sample folder, an image folder, an .npz, or one '
                             f'of {", ".join(f"{d}[:ref|heldout|train]" for d in DATASETS)}')
 
@@ -88,8 +93,9 @@ def check_shapes(samples: np.ndarray, ref: np.ndarray) -> None:
 def evaluate(samples_spec: str, ref_spec: str, features: str = 'digits_classifier', *,
              inception_weights: Optional[str] = None, num_samples: Optional[int] = None,
              seed_ranges: Sequence[tuple[int, int]] = (), save_stats: Optional[str] = None, label: str = '',
-             log=print) -> dict[str, Any]:
-    """The metrics dict printed by the CLI (see the module docstring)."""
+             allow_incomplete: bool = False, log=print) -> dict[str, Any]:
+    """The metrics dict printed by the CLI (see the module docstring). ``allow_incomplete``: score an unfinished
+    sample folder's shards (the result's num_samples says how many)."""
     from jaxdiff.metrics import frechet, precision_recall
     from jaxdiff.evaluation.features import INCEPTION, extract, make_extractor
     from jaxdiff.metrics.inception_score import inception_score
@@ -101,7 +107,9 @@ def evaluate(samples_spec: str, ref_spec: str, features: str = 'digits_classifie
         samples = ImageSet(images=noise_like(ref['images'].shape[1:], num_samples or len(ref['images'])),
                            labels=None, seeds=None)
     else:
-        samples = load_image_set(samples_spec)
+        samples = load_image_set(samples_spec, allow_incomplete)
+    if allow_incomplete and os.path.isdir(samples_spec) and 'images' in samples:
+        log(f'--allow_incomplete: scoring the {len(samples["images"]):,} images present in {samples_spec}')
     if 'images' not in samples:
         raise ValueError(f'--samples {samples_spec} is a statistics file; it needs images')
     if num_samples:

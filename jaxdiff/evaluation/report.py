@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff.evaluation.html import (READ_ERRORS, cell, esc, figure, flatten, format_value, key_value_table,
                                      png_bytes, read_json, read_json_object, read_png, reason, render_page,
                                      unavailable, write_text)
@@ -161,9 +162,11 @@ def training_grids_section(workdir: str) -> str:
 
 def shard_preview(shard_path: str, limit: int = SHARD_PREVIEW) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """The first ``limit`` images (uint8 NHWC) and labels (or None) of a sample shard; raises ValueError on bad data."""
-    with np.load(shard_path, allow_pickle=False) as shard:
-        images = shard['images'][:limit]
-        labels = shard['labels'][:limit] if 'labels' in shard.files else None
+    shard = files.read_npz(shard_path, 'a sample shard')
+    if 'images' not in shard:
+        raise ValueError(f'{shard_path} has no images array (found {sorted(shard)})')
+    images = shard['images'][:limit]
+    labels = shard['labels'][:limit] if 'labels' in shard else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or not len(images):
         raise ValueError(f'images must be non-empty uint8 (N, H, W, C) with C in 1, 3, 4; got {images.dtype} '
                          f'{images.shape}')

@@ -305,17 +305,19 @@ def evaluate_run(workdir: str, *, checkpoint: str = 'auto', data: str = 'digits:
                  diffpure: Optional[str] = None, t_star: float = 0.1, eot: int = 4, diffpure_steps: int = 10,
                  smoothing: Optional[str] = None, sigma: float = 0.25, n0: int = 100, n: int = 1000,
                  alpha: float = 0.001, radii: Sequence[float] = DEFAULT_RADII, smoothing_batch: int = 500,
-                 seed: int = 0, with_selection: bool = False, log: Callable[[str], None] = print) -> dict:
+                 seed: int = 0, with_selection: bool = False, allow_incomplete: bool = False,
+                 log: Callable[[str], None] = print) -> dict:
     """Everything ``python -m eval.robustness`` reports for the adversarial-training run ``workdir`` (its flags,
     same names and defaults, documented there) -> the JSON dict: clean / PGD / AutoAttack accuracies on the first
     ``num`` examples of ``data`` (optionally behind DiffPure of the diffusion run ``diffpure``), the certified
     accuracy of denoised smoothing with the diffusion run ``smoothing``, and (``with_selection``) the run's own
-    keep-best numbers. ``attacks``: :func:`parse_attacks` output; eps / norm None: the run's training values."""
+    keep-best numbers. ``attacks``: :func:`parse_attacks` output; eps / norm None: the run's training values;
+    ``allow_incomplete``: a sample folder ``data`` that sample.py did not finish is used as it is."""
     from jaxdiff.evaluation.robustness_data import Classifier, fit_data, load_data, load_denoiser
     clf = Classifier(workdir, checkpoint)
     eps = float(clf.config.eps) if eps is None else eps
     norm = norm or clf.config.norm
-    images, labels = load_data(data)
+    images, labels = load_data(data, allow_incomplete)
     if num:
         images, labels = images[:num], labels[:num]
     images = fit_data(images, labels, clf.shape, clf.info.num_classes, data)

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from jaxdiff import files
+
 DATASETS = ('digits', 'fashion_mnist')
 
 
@@ -16,7 +18,7 @@ class Classifier:
 
     def __init__(self, workdir: str, checkpoint: str = 'auto'):
         from jaxdiff.tasks import adversarial
-        from jaxdiff.runs import load_run
+        from jaxdiff.runs import load_run, wrong_kind
         from jaxdiff.tasks.registry import task_name
         from jaxdiff.engine import checkpoint as ckpt
         if not os.path.isdir(workdir):
@@ -24,8 +26,7 @@ class Classifier:
                                     'training run (python train.py --config configs/robust/digits.py --workdir RUN)')
         task = task_name(ckpt.read_config(workdir))
         if task != 'adversarial':
-            raise ValueError(f'{workdir} is a {task!r} run, not a classifier: --workdir takes a task=adversarial '
-                             'run (configs/robust/*.py)')
+            raise ValueError(wrong_kind(workdir, task, 'adversarial'))
         if checkpoint == 'auto':
             checkpoint = 'best' if os.path.isdir(os.path.join(workdir, adversarial.BEST_DIR, 'checkpoints')) else 'latest'
         run = load_run(workdir, checkpoint=checkpoint)
@@ -48,7 +49,7 @@ class Classifier:
                     num_classes=int(self.info.num_classes), best=self.best)
 
 
-def load_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
+def load_data(spec: str, allow_incomplete: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, H, W, C), labels int32 (N,)) of a --data spec (module docstring); one-line errors."""
     from jaxdiff.data.arrays import as_nhwc
     from jaxdiff.data.sources import load_digits, load_fashion_mnist
@@ -70,16 +71,15 @@ def load_data(spec: str) -> tuple[np.ndarray, np.ndarray]:
         if not any(n.startswith('shard-') and n.endswith('.npz') for n in os.listdir(spec)):
             raise ValueError(f'--data {spec}: the folder holds no sample shards (shard-XXXXX.npz); give a sample.py '
                              'folder, an .npz with images and labels, or a dataset split such as digits:heldout')
-        data = shards.load_samples(spec)
+        data = shards.load_samples(spec, allow_incomplete)
         if (data['labels'] < 0).any():
             raise ValueError(f'--data {spec}: unconditional samples have no labels to attack')
         return data['images'], data['labels'].astype(np.int32)
     if spec.endswith('.npz') and os.path.isfile(spec):
-        with np.load(spec, allow_pickle=False) as npz:
-            if 'images' not in npz or 'labels' not in npz:
-                raise ValueError(f'--data {spec}: an .npz needs "images" and "labels" arrays (found '
-                                 f'{sorted(npz.files)})')
-            images, labels = as_nhwc(npz['images'], spec), npz['labels'].astype(np.int32)
+        npz = files.read_npz(spec, 'an .npz of images and labels')
+        if 'images' not in npz or 'labels' not in npz:
+            raise ValueError(f'--data {spec}: an .npz needs "images" and "labels" arrays (found {sorted(npz)})')
+        images, labels = as_nhwc(npz['images'], spec), npz['labels'].astype(np.int32)
         if labels.shape != images.shape[:1]:
             raise ValueError(f'--data {spec}: labels have shape {labels.shape}, expected ({len(images)},)')
         return images, labels
@@ -113,8 +113,9 @@ def load_denoiser(path: str, shape: tuple, flag: str):
         raise FileNotFoundError(f'{flag} {path!r}: no such directory; pass a train.py diffusion run')
     if os.path.isfile(os.path.join(path, ckpt.CONFIG_FILE)):
         task = ckpt.read_config(path).get('task', 'denoiser')
-        if task != 'denoiser':
-            raise ValueError(f'{flag} {path} is a {task!r} run, not a diffusion model run')
+        if task not in ('denoiser', 'trigger'):
+            from jaxdiff.runs import wrong_kind
+            raise ValueError(f'{flag}: {wrong_kind(path, task, "denoiser")}')
     model = load_model(path)
     if (model.resolution, model.resolution, model.channels) != tuple(shape):
         raise ValueError(f'{flag} {path} generates {model.resolution}x{model.resolution}x{model.channels} images '

@@ -78,10 +78,12 @@ def read_bits(bits: Optional[str], embedded: Optional[str], num_bits: int) -> np
     return bitlib.parse_bits(bits, num_bits)
 
 
-def run_decode(codec, samples: str, bits: np.ndarray, perturb: bool, seed: int = 0) -> dict:
-    """The decode mode's result (module docstring); ``codec``: a loaded codec run (:func:`decode`)."""
+def run_decode(codec, samples: str, bits: np.ndarray, perturb: bool, seed: int = 0,
+               allow_incomplete: bool = False) -> dict:
+    """The decode mode's result (module docstring); ``codec``: a loaded codec run (:func:`decode`);
+    ``allow_incomplete``: decode a sample folder sample.py has not finished."""
     from jaxdiff.evaluation.fid import load_image_set
-    images = load_image_set(samples).get('images')
+    images = load_image_set(samples, allow_incomplete).get('images')
     if images is None:
         raise ValueError(f'{samples} holds feature statistics, not images')
     logits = decode(codec)

@@ -11,6 +11,8 @@ import os
 
 import numpy as np
 
+from jaxdiff import files
+
 
 class FeatureStats:
     """Streaming mean and covariance of feature vectors, in float64.
@@ -113,12 +115,16 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu (D,), sigma (D, D)) float64 from an .npz with keys 'mu' and 'sigma' (jaxdiff, pytorch-fid, EDM)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'feature statistics file not found: {path!r}')
-    with np.load(path, allow_pickle=False) as npz:
-        missing = [key for key in ('mu', 'sigma') if key not in npz.files]
-        if missing:
-            raise ValueError(f'{path} lacks {" and ".join(missing)} (found {sorted(npz.files)}); expected the '
-                             'statistics layout of save_stats / pytorch-fid --save-stats (arrays mu and sigma)')
-        return _check_gaussian(npz['mu'], npz['sigma'], path)
+    npz = files.read_npz(path, 'a feature statistics file')
+    missing = [key for key in ('mu', 'sigma') if key not in npz]
+    if missing:
+        raise ValueError(f'{path} lacks {" and ".join(missing)} (found {sorted(npz)}); expected the statistics '
+                         'layout of save_stats / pytorch-fid --save-stats (arrays mu and sigma)')
+    mu, sigma = _check_gaussian(npz['mu'], npz['sigma'], path)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f'{path} holds NaN or inf in mu or sigma: the statistics are broken; recompute them '
+                         '(save_stats of finite features)')
+    return mu, sigma
 
 
 def features_distance(features, ref: FeatureStats) -> float:

@@ -57,14 +57,8 @@ def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
     from jaxdiff.nets.from_config import denoiser_fn
     from jaxdiff.tasks.sample_grid import sigma_range
 
-    run = load_run(workdir, use_ema=use_ema, step=step)
+    run = load_run(workdir, use_ema=use_ema, step=step, want='denoiser')
     config, net = run.config, run.net
-    if run.task == 'noisy_classifier':
-        raise ValueError(f'{workdir} is a noisy classifier run, not a denoiser; guide a denoiser with it: '
-                         f'sample.py --guidance classifier:run={workdir}')
-    if run.task != 'denoiser':
-        raise ValueError(f'{workdir} is an adversarial-training run (a robust classifier), not a diffusion model; '
-                         'evaluate it with python -m eval.robustness --workdir ' + workdir)
     description = dict(kind='train_run', path=os.path.abspath(workdir), step=run.step,
                        params='ema' if use_ema else 'raw', arch=config.model.arch, precond=config.model.precond)
     return Model(net=net, variables=run.variables, denoiser=lambda v: denoiser_fn(config, net, v),
@@ -114,10 +108,7 @@ def noisy_classifier_logits(source: Union[str, tuple], *, sigma_data: Optional[f
     """
     from jaxdiff.nets.noisy_classifier import noisy_logits
     if isinstance(source, str):
-        run = load_run(source, use_ema=use_ema, step=step)
-        if run.task != 'noisy_classifier':
-            raise ValueError(f'{source} is a {run.task} run, not a noisy classifier; train one with '
-                             'configs/classifier/*.py')
+        run = load_run(source, use_ema=use_ema, step=step, want='noisy_classifier')
         net, variables, sd = run.net, run.variables, run.config.model.sigma_data
     else:
         net, variables = source

@@ -81,11 +81,43 @@ def _solver(name: str) -> Callable:
     return SOLVERS[name]
 
 
+def _count(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1
+
+
+def _positive(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and v > 0)
+
+
+def _non_negative(v) -> bool:
+    return v is None or (isinstance(v, (int, float)) and v >= 0)
+
+
+# The numeric solver options' valid values (checked before anything is written or sampled); None = unset.
+OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **{k: (_count, 'an integer >= 1') for k in ('num_steps', 'n_steps', 'n_steps_each', 'num_levels', 'M')},
+    **{k: (_positive, '> 0') for k in ('sigma_min', 'sigma_max', 'rho', 'S_noise', 'snr', 'step_lr', 'alpha',
+                                       'beta_min', 'beta_max', 'C_1', 'C_2', 'epsilon_s', 'eps_t')},
+    **{k: (_non_negative, '>= 0') for k in ('S_churn', 'S_min', 'S_max', 'eta')},
+}
+
+
+def check_ranges(name: str, resolved: Mapping[str, Any]) -> None:
+    """ValueError (one line naming the option, its value and the valid range) for a value no sampler can use."""
+    for key, value in resolved.items():
+        ok, valid = OPTION_RANGES.get(key, (lambda v: True, ''))
+        if not ok(value):
+            raise ValueError(f'--{key}={value} is out of range for solver {name!r}: it must be {valid}')
+    lo, hi = resolved.get('sigma_min'), resolved.get('sigma_max')
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f'--sigma_min={lo} must be below --sigma_max={hi} (solver {name!r})')
+
+
 def resolve_solver(name: str, options: Mapping[str, Any], sigma_range: tuple[float, float]) -> dict[str, Any]:
     """The full keyword set for solver ``name``: ``options`` (the ones the user set) over its defaults.
 
     sigma_range: the model's (sigma_min, sigma_max); unset sigma_min / sigma_max defaults are clipped into it.
-    Raises ValueError for an option the solver does not take.
+    Raises ValueError for an option the solver does not take or a value out of its range (:data:`OPTION_RANGES`).
     """
     defaults = solver_defaults(name)
     unused = sorted(set(options) - set(defaults))
@@ -102,6 +134,7 @@ def resolve_solver(name: str, options: Mapping[str, Any], sigma_range: tuple[flo
     if 'sigma_max' in resolved and 'sigma_max' not in options:
         resolved['sigma_max'] = min(resolved['sigma_max'], hi)
     resolved.update(options)
+    check_ranges(name, resolved)
     return resolved
 
 

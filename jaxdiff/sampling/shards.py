@@ -115,11 +115,12 @@ def write_shard(out_dir: str, shard: int, images: np.ndarray, labels: np.ndarray
 
 def read_shard(path: str) -> dict[str, np.ndarray]:
     """{'images', 'labels', 'seeds'} of one shard file; ValueError (one line) when it is unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in ('images', 'labels', 'seeds')}
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise ValueError(f'{path} is not a readable sample shard ({type(e).__name__}: {e})') from e
+    arrays = files.read_npz(path, 'a sample shard')
+    missing = [key for key in ('images', 'labels', 'seeds') if key not in arrays]
+    if missing:
+        raise ValueError(f'{path} is not a sample shard: it lacks {", ".join(missing)}; regenerate it with the '
+                         'sample.py command of its folder')
+    return {key: arrays[key] for key in ('images', 'labels', 'seeds')}
 
 
 def shard_ok(out_dir: str, plan: Plan, shard: int, image_shape: tuple[int, ...], array_record: bool) -> bool:
@@ -218,11 +219,33 @@ def shard_entries(out_dir: str, plan: Plan) -> list[dict]:
     return out
 
 
-def load_samples(folder: str) -> dict[str, np.ndarray]:
+def check_complete(folder: str) -> dict:
+    """The manifest of a finished sample folder: "complete": true and every shard it lists present. ValueError (one
+    line) otherwise: a score of an interrupted folder would silently depend on how far sampling got."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f'{folder} has no {MANIFEST}, so nothing says its shards are all there; evaluate a folder '
+                         'that sample.py finished, or pass --allow_incomplete to use the shards present')
+    listed = [entry['file'] for entry in manifest.get('shards', [])]
+    if not manifest.get('complete'):
+        raise ValueError(f'{folder} is incomplete: its sampling did not finish (manifest complete=false); rerun its '
+                         'sample.py command to finish it, or pass --allow_incomplete to use the shards present')
+    missing = [name for name in listed if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(f'{folder} lacks {len(missing)} of the {len(listed)} shards its manifest lists (e.g. '
+                         f'{missing[0]}); rerun its sample.py command to regenerate them, or pass --allow_incomplete '
+                         'to use the shards present')
+    return manifest
+
+
+def load_samples(folder: str, allow_incomplete: bool = False) -> dict[str, np.ndarray]:
     """Every shard of a sample folder concatenated in seed order: {'images', 'labels', 'seeds'}.
 
-    Raises FileNotFoundError for a missing folder and ValueError for a folder without shards.
+    Raises FileNotFoundError for a missing folder, ValueError for a folder without shards and, unless
+    ``allow_incomplete``, for one that sample.py did not finish (:func:`check_complete`).
     """
+    if not allow_incomplete and os.path.isdir(folder):
+        check_complete(folder)
     parts = [read_shard(os.path.join(folder, n)) for n in shard_names(folder)]
     shapes = {p['images'].shape[1:] for p in parts}
     if len(shapes) > 1:

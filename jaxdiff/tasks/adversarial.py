@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxdiff import config_ranges as ranges
 from jaxdiff import files, parallel
 from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine.ema import decay_per_step
@@ -114,6 +115,30 @@ def adversarial_config() -> ml_collections.ConfigDict:
     c.eval.attack_steps = 40        # PGD steps of the selection attack (reference: 4 * attack_steps)
     c.eval.attack_loss = 'cw'       # cw (reference's CWLoss margin) | ce
     return c
+
+
+# The valid values of every field of :func:`adversarial_config` (checked before any work: jaxdiff.config_ranges).
+RANGES: dict[str, ranges.Rule] = {
+    **ranges.COMMON, **ranges.DATA,
+    'task': ranges.one_of('adversarial'), 'method': ranges.one_of(*adv_step.METHODS), 'beta': ranges.NON_NEGATIVE,
+    'label_smoothing': ranges.between(0, 1, open_hi=True), 'norm': ranges.one_of('Linf', 'L2'),
+    'eps': ranges.POSITIVE, 'attack_step': ranges.POSITIVE, 'attack_steps': ranges.COUNT,
+    'generated_fraction': ranges.between(0, 1, open_hi=True), 'epochs': ranges.at_least(0, integer=True),
+    'data.generated': ranges.TEXT, 'data.crop_padding': ranges.at_least(0, integer=True), 'data.xflip': ranges.BOOL,
+    'model.arch': ranges.one_of(*adv_step.ARCHS), 'model.depth': ranges.COUNT, 'model.width': ranges.COUNT,
+    'model.activation': ranges.one_of('relu', 'swish'), 'model.dataset_stats': ranges.TEXT,
+    'model.bn_momentum': ranges.FRACTION, 'model.bn_reset_first_step': ranges.BOOL,
+    'model.dtype': ranges.one_of('float32', 'bfloat16'),
+    'optim.momentum': ranges.between(0, 1, open_hi=True), 'optim.nesterov': ranges.BOOL,
+    'optim.weight_decay': ranges.NON_NEGATIVE, 'optim.no_decay_bn': ranges.BOOL, 'optim.pct_start': ranges.FRACTION,
+    'optim.div_factor': ranges.POSITIVE, 'optim.final_div_factor': ranges.POSITIVE, 'optim.cycle_momentum': ranges.BOOL,
+    'optim.base_momentum': ranges.between(0, 1, open_hi=True), 'optim.max_momentum': ranges.between(0, 1, open_hi=True),
+    'optim.per_epoch': ranges.BOOL, 'ema.halflife_img': ranges.NON_NEGATIVE,
+    'ema.warmup_steps': ranges.Rule(lambda v: ranges.SEED.ok(v) and v >= -1,
+                                    'an integer >= -1 (-1: the reference rule)'),
+    'eval.size': ranges.at_least(0, integer=True), 'eval.every': ranges.at_least(0, integer=True),
+    'eval.batch_size': ranges.COUNT, 'eval.attack_steps': ranges.COUNT, 'eval.attack_loss': ranges.one_of('cw', 'ce'),
+}
 
 
 def locked(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -338,4 +363,4 @@ def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
 
 
 
-TASK = Task('adversarial', adversarial_config, check_config, setup, upgrade)
+TASK = Task('adversarial', adversarial_config, check_config, setup, upgrade, RANGES)

@@ -30,7 +30,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from jaxdiff import losses, parallel
-from jaxdiff.config import base_config
+from jaxdiff.config import RANGES, base_config
 from jaxdiff.data.pipeline import IteratorBatches, make_iterator
 from jaxdiff.engine import checkpoint as ckpt
 from jaxdiff.engine.ema import ema_beta, ema_update
@@ -232,4 +232,4 @@ def sample_callback(config, workdir, mesh, keys, net, info, init, outputs: dict)
     return Callback('samples', config.sample_every, write_samples)
 
 
-TASK = Task('denoiser', base_config, check, functools.partial(setup, batch_loss, True))
+TASK = Task('denoiser', base_config, check, functools.partial(setup, batch_loss, True), ranges=RANGES)

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 import jaxdiff
+from jaxdiff import config_ranges as ranges
 from jaxdiff import files, parallel
 from jaxdiff.data.sources import DatasetInfo
 from jaxdiff.engine import checkpoint as ckpt
@@ -222,7 +223,14 @@ def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
 
 
 
-TASK = Task('feature_classifier', feature_classifier_config, check, setup)
+# The valid values of every field of :func:`feature_classifier_config` (checked before any work:
+# jaxdiff.config_ranges); 0 takes the registry entry's batch size, epochs and lr.
+RANGES: dict[str, ranges.Rule] = {
+    **ranges.COMMON, 'task': ranges.one_of('feature_classifier'), 'classifier': ranges.one_of(*fc.CLASSIFIERS),
+    'batch_size': ranges.at_least(0, integer=True), 'epochs': ranges.at_least(0, integer=True),
+    'optim.lr': ranges.NON_NEGATIVE,
+}
+TASK = Task('feature_classifier', feature_classifier_config, check, setup, ranges=RANGES)
 
 
 # ----------------------------------------------------------------------------------------------- the cache

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from jaxdiff.config import base_config
+from jaxdiff.config import RANGES, base_config
 from jaxdiff.engine.task import Task
 from jaxdiff.nets.noisy_classifier import noisy_logits
 from jaxdiff.tasks import denoiser
@@ -43,4 +43,5 @@ def classifier_loss(config, net: nn.Module, variables: dict, batch: dict, keys: 
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
 
 
-TASK = Task('noisy_classifier', base_config, denoiser.check, functools.partial(denoiser.setup, classifier_loss, False))
+TASK = Task('noisy_classifier', base_config, denoiser.check, functools.partial(denoiser.setup, classifier_loss, False),
+            ranges=RANGES)

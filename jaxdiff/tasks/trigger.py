@@ -38,6 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from jaxdiff import config_ranges as ranges
 from jaxdiff import files, losses, parallel
 from jaxdiff.data.sources import make_source
 from jaxdiff.engine import checkpoint as ckpt
@@ -250,4 +251,10 @@ def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
 
 
 
-TASK = Task('trigger', trigger_config, check, setup)
+# The valid values of every field of :func:`trigger_config` (checked before any work: jaxdiff.config_ranges).
+RANGES: dict[str, ranges.Rule] = {
+    **ranges.COMMON, 'task': ranges.one_of('trigger'), 'base_run': ranges.TEXT, 'image': ranges.TEXT,
+    'lam': ranges.NON_NEGATIVE, 'prior': ranges.at_least(0, integer=True), 'prior_weight': ranges.NON_NEGATIVE,
+    'prior_source': ranges.one_of('samples', 'data'), 'ema.halflife_img': ranges.NON_NEGATIVE,
+}
+TASK = Task('trigger', trigger_config, check, setup, ranges=RANGES)

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxdiff import config_ranges as ranges
 from jaxdiff import parallel
 from jaxdiff.engine.task import RunKeys, Setup, Task
 from jaxdiff.watermark.codec import WatermarkCodec, codec_from_config
@@ -231,10 +232,7 @@ def load_codec(workdir: str):
     from jaxdiff.runs import load_run  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f'codec run not found: {workdir!r}; train one with {TRAIN_HINT}')
-    run = load_run(workdir)
-    if run.task != TASK.name:
-        raise ValueError(f'{workdir} is a {run.task!r} run, not a watermark codec; train one with {TRAIN_HINT}')
-    return run
+    return load_run(workdir, want=TASK.name)
 
 
 # ----------------------------------------------------------------------------------------------- task
@@ -256,4 +254,13 @@ def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
 
 
 
-TASK = Task('watermark_codec', codec_config, check, setup)
+# The valid values of every field of :func:`codec_config` (checked before any work: jaxdiff.config_ranges).
+RANGES: dict[str, ranges.Rule] = {
+    **ranges.COMMON, **ranges.DATA,
+    'task': ranges.one_of('watermark_codec'), 'num_bits': ranges.COUNT, 'l2_max': ranges.NON_NEGATIVE,
+    'l2_wait': ranges.at_least(0, integer=True), 'l2_ramp': ranges.at_least(0, integer=True),
+    'l2_start_acc': ranges.FRACTION, 'data.use_labels': ranges.BOOL,
+    'model.encoder_widths': ranges.integers(1), 'model.decoder_widths': ranges.integers(1),
+    'model.decoder_strides': ranges.integers(1), 'model.decoder_hidden': ranges.COUNT,
+}
+TASK = Task('watermark_codec', codec_config, check, setup, ranges=RANGES)

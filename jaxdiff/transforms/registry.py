@@ -12,6 +12,7 @@ at its lowest noise level, the solver's sigma_min, as a clean-image classifier o
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import jax
@@ -25,7 +26,7 @@ from jaxdiff.transforms.classifier import LogitsFn, class_log_prob, classifier_g
 from jaxdiff.transforms.densities import classifier_density
 from jaxdiff.transforms.safe_denoiser import calibrate_threshold, practical_safe_denoiser
 from jaxdiff.transforms.safe_guidance import safe_classifier_guidance
-from jaxdiff.transforms.sld import sld
+from jaxdiff.transforms.sld import SLDConfig, sld
 from jaxdiff.transforms.unguidance import TINY, negative_classifier_guidance, unguidance
 
 
@@ -41,9 +42,15 @@ class Context(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """A registered transform: ``build(kwargs, context) -> Transform`` and a one-line usage."""
+    """A registered transform: ``build(kwargs, context) -> Transform``, a one-line usage naming every key it takes
+    (``key=``), and ``extra_keys`` it takes beyond those (e.g. SLD's config fields)."""
     build: Callable[[dict, Context], Transform]
     usage: str
+    extra_keys: tuple[str, ...] = ()
+
+    def keys(self) -> list[str]:
+        """Every key the transform takes."""
+        return list(dict.fromkeys(re.findall(r'(\w+)=', self.usage) + list(self.extra_keys)))
 
 
 Classes = Union[int, Sequence[int]]
@@ -81,9 +88,7 @@ def _cfg(kw: dict, ctx: Context) -> Transform:
     if not ctx.label_dim:
         raise ValueError('cfg needs a class-conditional model; this one is unconditional')
     if 'weight' not in kw:
-        near = difflib.get_close_matches('weight', list(kw), n=1)
-        raise ValueError('cfg needs weight=W (1 = the conditional model)'
-                         + (f'; {near[0]!r} is not a key of cfg' if near else ''))
+        raise ValueError('cfg needs weight=W (1 = the conditional model)')
     kw = dict(kw)
     negative = kw.pop('negative', None)
     negative = None if negative is None else _one_hot(negative, 'cfg negative', ctx)
@@ -162,7 +167,8 @@ REGISTRY: dict[str, Entry] = {
                                      'gamma_schedule=NAME seed_update=False ddim_eta=]'),
     'negative_classifier': Entry(_negative_classifier, 'negative classifier guidance: run=DIR unsafe=CLASS|(C,..) '
                                                        'scale=S'),
-    'sld': Entry(_sld, 'Safe Latent Diffusion: concept=CLASS [preset=MEDIUM guidance_scale=7.5 SLDConfig fields]'),
+    'sld': Entry(_sld, 'Safe Latent Diffusion: concept=CLASS [preset=MEDIUM guidance_scale=7.5 SLDConfig fields]',
+                 SLDConfig._fields),
     'safe_denoiser': Entry(_safe_denoiser, 'the official code\'s practical safe denoiser: refs=FILE.npz [scale=0.33 '
                                            'bandwidth=3.15 window_steps=11 margin=M (gate) seed=0 ddim_eta=]'),
     'attribute_switch': Entry(_attribute_switch, 'attribute switching: from=CLASS to=CLASS tau=SIGMA'),
@@ -173,6 +179,12 @@ def build(name: str, kwargs: dict[str, Any], ctx: Context) -> Transform:
     """REGISTRY[name]'s transform from ``kwargs``; ValueError naming the problem for an unknown name or argument."""
     if name not in REGISTRY:
         raise ValueError(f'unknown transform {name!r}: use one of {", ".join(REGISTRY)}')
+    keys = REGISTRY[name].keys()
+    for key in kwargs:
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=1)
+            hint = f' (did you mean {near[0]!r}?)' if near else ''
+            raise ValueError(f'transform {name}: unknown key {key!r}{hint}; it takes {", ".join(keys)}')
     try:
         return REGISTRY[name].build(kwargs, ctx)
     except (TypeError, ValueError) as e:  # TypeError: an argument the transform does not take
