@@ -114,6 +114,9 @@ def main(argv: list[str]) -> None:
             _fail(f'--filter_classifier: {e}', 2)
     try:
         first, end = shards.parse_seeds(_SEEDS.value, _NUM.value)
+    except ValueError as e:  # a command-line error
+        _fail(str(e), 2)
+    try:
         parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
         import jax
         model = load_model(_WORKDIR.value, use_ema=_EMA.value, step=_STEP.value)

@@ -81,6 +81,7 @@ def test_bad_values_and_damaged_inputs_end_in_one_line_before_anything_is_writte
          'defines no get_config()'),
         (sample('--num_steps', '0'), 1, "--num_steps=0 is out of range for solver 'edm': it must be an integer"),
         (sample('--filter_top', '1.5'), 2, '--filter_top=1.5 must lie in (0, 1]'),
+        (sample('--seeds', '5-2'), 2, "--seeds '5-2': the range is empty"),
         (train('--config.data.source=npz', f'--config.data.path={torn}'), 1,
          f'{torn} is not readable as an image dataset (.npz)'),
         (train('--config.data.source=folder', f'--config.data.path={pngs}'), 1,
