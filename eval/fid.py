@@ -46,11 +46,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument('--allow_incomplete', action='store_true',
                     help='score a sample folder sample.py has not finished (its JSON num_samples says how many)')
     args = ap.parse_args(argv)
-    try:
+    try:  # command-line errors: exit 2
         if args.protocol and args.seed_ranges:
             raise ValueError('give --protocol or --seed_ranges, not both')
         ranges = EDM_SEED_RANGES if args.protocol == 'edm' else parse_ranges(args.seed_ranges) if args.seed_ranges \
             else ()
+    except ValueError as e:
+        _fail(str(e), 2)
+    try:
         result = evaluate(args.samples, args.ref, args.features, inception_weights=args.inception_weights,
                           num_samples=args.num_samples, seed_ranges=ranges, save_stats=args.save_stats,
                           label=args.label, allow_incomplete=args.allow_incomplete,

@@ -154,6 +154,11 @@ def test_one_line_errors(cache, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit:
         fid_cli.main(['--samples', 'digits'])
     assert exit.value.code == (2, 'eval.fid: error: the following arguments are required: --ref')
+    for args, message in ((['--protocol', 'edm', '--seed_ranges', '0-9'], 'give --protocol or --seed_ranges, not both'),
+                          (['--seed_ranges', '9-0'], "--seed_ranges '9-0': expected A-B")):
+        with pytest.raises(SystemExit) as exit:  # command-line errors: exit 2
+            fid_cli.main(['--samples', 'digits', '--ref', 'digits', *args])
+        assert exit.value.code[0] == 2 and message in exit.value.code[1], exit.value.code
     capsys.readouterr()
     assert fid_cli.main(['--samples', str(bad['holed']), '--ref', 'digits', *digits, '--allow_incomplete']) == 0
     out, err = capsys.readouterr()
