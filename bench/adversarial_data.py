@@ -31,12 +31,14 @@ def write_folder(folder: str, n: int) -> None:
     from jaxdiff.sampling import shards
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
-    for k in range(-(-n // SHARD)):
+    plan = shards.Plan(0, n, SHARD)
+    for k in range(plan.num_shards):
         if os.path.exists(shards.shard_path(folder, k)):
             continue
-        count = min(SHARD, n - k * SHARD)
+        count = len(plan.seeds(k))
         shards.write_shard(folder, k, rng.integers(0, 256, (count,) + SHAPE, dtype=np.uint8),
-                           rng.integers(0, 10, count), np.arange(k * SHARD, k * SHARD + count), 10)
+                           rng.integers(0, 10, count), plan.seeds(k), 10)
+    shards.write_manifest(folder, shards.plan_record(plan, image_shape=list(SHAPE)), shards.shard_entries(folder, plan))
 
 
 def measure(folder: str, steps: int, batch: int, in_memory: bool) -> dict:

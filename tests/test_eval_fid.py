@@ -33,12 +33,7 @@ def cache(tmp_path_factory):
 
 def write_folder(folder, images, labels, first=0, shard_size=200):
     """A finished sample.py folder: its shards and the complete manifest."""
-    folder.mkdir()
-    plan = shards.Plan(first, first + len(images), shard_size)
-    for k in range(plan.num_shards):
-        rows = slice(k * shard_size, (k + 1) * shard_size)
-        shards.write_shard(str(folder), k, images[rows], labels[rows], plan.seeds(k), 10)
-    shards.write_manifest(str(folder), shards.plan_record(plan), shards.shard_entries(str(folder), plan))
+    shards.write_samples(str(folder), images, labels, 10, first=first, shard_size=shard_size)
 
 
 def cli(*args, env=None):

@@ -226,11 +226,10 @@ def test_pgd_at_reduces_adversarial_loss():
 def _write_fake_samples(folder, n=96):
     """A sample.py-style folder: real digits relabelled as generated samples."""
     from jaxdiff.data.sources import load_digits
-    from jaxdiff.sampling.shards import write_shard
+    from jaxdiff.sampling.shards import write_samples
     images, labels = load_digits()
-    os.makedirs(folder, exist_ok=True)
     rows = np.arange(len(labels) - n, len(labels))
-    write_shard(str(folder), 0, images[rows], labels[rows], rows.astype(np.int64), num_classes=10)
+    write_samples(str(folder), images[rows], labels[rows], 10, first=int(rows[0]))
     return str(folder)
 
 
@@ -335,3 +334,17 @@ def test_a_run_saved_with_the_old_field_names_resumes_and_loads(tiny_runs, tmp_p
     run = load_run(workdir)
     assert (run.config.data.source, run.config.data.xflip, run.step) == ('digits', True, 20)
     assert run.config.ema.halflife_img == 2_212.52
+
+
+def test_an_unfinished_generated_folder_is_refused(tmp_path):
+    """Training on part of the samples would change the run silently: a folder sample.py has not finished (manifest
+    complete=false, or a listed shard missing) is refused in one line; the finished folder loads."""
+    folder = _write_fake_samples(tmp_path / 'samples')
+    images, labels = mixed_data.load_generated(folder, (8, 8, 1), 10)
+    assert len(labels) == 96 and images[np.arange(3)].shape == (3, 8, 8, 1)
+    images.close()
+    manifest = json.load(open(os.path.join(folder, 'manifest.json')))
+    json.dump(dict(manifest, complete=False), open(os.path.join(folder, 'manifest.json'), 'w'))
+    with pytest.raises(ValueError, match=r'samples is incomplete: its sampling did not finish \(manifest '
+                                         r'complete=false\); rerun its sample.py command to finish it$'):
+        mixed_data.load_generated(folder, (8, 8, 1), 10)

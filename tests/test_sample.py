@@ -245,13 +245,8 @@ def test_filter_folder_keeps_confident_samples(tmp_path, monkeypatch):
     wrong = np.arange(300) % 3 == 0
     labels[wrong] = (labels[wrong] + 1) % 10
     folder = tmp_path / 'samples'
-    folder.mkdir()
-    plan = shards.Plan(100, 400, 128)
-    for k in range(plan.num_shards):
-        rows = slice(k * 128, (k + 1) * 128)
-        shards.write_shard(str(folder), k, images[rows], labels[rows], plan.seeds(k), 10)
-    record = shards.plan_record(plan, image_shape=[8, 8, 1], labels={'mode': 'cycle', 'values': [], 'num_classes': 10})
-    shards.write_manifest(str(folder), record, shards.shard_entries(str(folder), plan))
+    shards.write_samples(str(folder), images, labels, 10, first=100, shard_size=128,
+                         record={'labels': {'mode': 'cycle', 'values': [], 'num_classes': 10}})
     out = sfilter.filter_folder(str(folder), 0.6, 'digits_classifier', shard_size=100, log=lambda _: None)
     kept = shards.load_samples(out)
     counts = np.bincount(labels, minlength=10)

@@ -9,14 +9,17 @@ memory does not grow with the number of images (``bench/adversarial_data.py`` me
 """
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zipfile
+from typing import Optional
 
 import numpy as np
 
 from jaxdiff import files
 
+MANIFEST = 'manifest.json'  # sample.py's plan and, once every shard exists, "complete": true
 _LOCAL_HEADER = struct.Struct('<4sHHHHHIIIHH')  # a zip file's local file header (30 bytes)
 
 
@@ -29,6 +32,37 @@ def shard_names(folder: str) -> list[str]:
     if not names:
         raise ValueError(f'{folder} holds no sample shards (shard-XXXXX.npz); run sample.py with --out {folder}')
     return names
+
+
+def read_manifest(out_dir: str) -> Optional[dict]:
+    """The manifest of ``out_dir`` or None if there is none; ValueError when it is unreadable."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path} is unreadable ({e}); move it away, or pick another --out') from e
+
+
+def check_complete(folder: str, hint: str = ', or pass --allow_incomplete to use the shards present') -> dict:
+    """The manifest of a finished sample folder: "complete": true and every shard it lists present. ValueError (one
+    line, ending with ``hint``) otherwise: a score of an interrupted folder, or training on it, would silently depend
+    on how far sampling got."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f'{folder} has no {MANIFEST}, so nothing says its shards are all there; use a folder '
+                         f'that sample.py finished{hint}')
+    listed = [entry['file'] for entry in manifest.get('shards', [])]
+    if not manifest.get('complete'):
+        raise ValueError(f'{folder} is incomplete: its sampling did not finish (manifest complete=false); rerun its '
+                         f'sample.py command to finish it{hint}')
+    missing = [name for name in listed if not os.path.exists(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(f'{folder} lacks {len(missing)} of the {len(listed)} shards its manifest lists (e.g. '
+                         f'{missing[0]}); rerun its sample.py command to regenerate them{hint}')
+    return manifest
 
 
 def member_data_offset(path: str, member: str) -> tuple[int, tuple[int, ...], np.dtype]:

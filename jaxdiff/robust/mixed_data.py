@@ -34,6 +34,7 @@ Filtering generated samples (top-p% per class by a pseudo-labeller) is not done 
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import jax
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff.data.sample_shards import ShardImages
+from jaxdiff.data.sample_shards import ShardImages, check_complete
 
 REAL, GENERATED = 0, 1
 
@@ -87,6 +88,8 @@ def load_generated(folder: str, image_shape: tuple, num_classes: int) -> tuple[S
     """(images: a :class:`~jaxdiff.data.sample_shards.ShardImages` reader, uint8 (M, H, W, C) on demand; labels
     int32 (M,)) of a sample.py folder, checked against the real data. The images stay on disk: memory does not
     grow with M."""
+    if os.path.isdir(folder):
+        check_complete(folder, hint='')  # training on part of the samples would change the run silently
     try:
         images = ShardImages(folder)
     except FileNotFoundError:

@@ -22,9 +22,8 @@ from typing import Any, Mapping, NamedTuple, Optional
 import numpy as np
 
 from jaxdiff import files
-from jaxdiff.data.sample_shards import shard_names
+from jaxdiff.data.sample_shards import MANIFEST, check_complete, read_manifest, shard_names
 
-MANIFEST = 'manifest.json'
 FORMAT = 'jaxdiff-samples/1'
 RECORDS_DIR = 'records'
 
@@ -168,18 +167,6 @@ def plan_record(plan: Plan, **fields: Any) -> dict:
                 shard_size=plan.shard_size, num_shards=plan.num_shards, **fields)
 
 
-def read_manifest(out_dir: str) -> Optional[dict]:
-    """The manifest of ``out_dir`` or None if there is none; ValueError when it is unreadable."""
-    path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f'{path} is unreadable ({e}); move it away, or pick another --out') from e
-
-
 def _differences(a: Any, b: Any, prefix: str = '') -> list[str]:
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         out = []
@@ -219,23 +206,20 @@ def shard_entries(out_dir: str, plan: Plan) -> list[dict]:
     return out
 
 
-def check_complete(folder: str) -> dict:
-    """The manifest of a finished sample folder: "complete": true and every shard it lists present. ValueError (one
-    line) otherwise: a score of an interrupted folder would silently depend on how far sampling got."""
-    manifest = read_manifest(folder)
-    if manifest is None:
-        raise ValueError(f'{folder} has no {MANIFEST}, so nothing says its shards are all there; evaluate a folder '
-                         'that sample.py finished, or pass --allow_incomplete to use the shards present')
-    listed = [entry['file'] for entry in manifest.get('shards', [])]
-    if not manifest.get('complete'):
-        raise ValueError(f'{folder} is incomplete: its sampling did not finish (manifest complete=false); rerun its '
-                         'sample.py command to finish it, or pass --allow_incomplete to use the shards present')
-    missing = [name for name in listed if not os.path.exists(os.path.join(folder, name))]
-    if missing:
-        raise ValueError(f'{folder} lacks {len(missing)} of the {len(listed)} shards its manifest lists (e.g. '
-                         f'{missing[0]}); rerun its sample.py command to regenerate them, or pass --allow_incomplete '
-                         'to use the shards present')
-    return manifest
+def write_samples(out_dir: str, images: np.ndarray, labels: np.ndarray, num_classes: int, *, first: int = 0,
+                  shard_size: int = 10_000, record: Optional[dict] = None) -> dict:
+    """A finished sample folder from arrays, as sample.py leaves one: images uint8 (N, H, W, C), labels int32 (N,)
+    (-1: unconditional) as the shards of seeds first .. first + N - 1 and the complete manifest (the plan plus
+    ``record``'s fields, e.g. {'labels': ..., 'model': ...}). Returns the manifest's plan record. For tests, benchmarks and samples
+    made elsewhere."""
+    os.makedirs(out_dir, exist_ok=True)
+    plan = Plan(first, first + len(images), shard_size)
+    for k in range(plan.num_shards):
+        rows = slice(k * shard_size, (k + 1) * shard_size)
+        write_shard(out_dir, k, images[rows], np.asarray(labels)[rows], plan.seeds(k), num_classes)
+    plan_dict = plan_record(plan, image_shape=list(images.shape[1:]), **(record or {}))
+    write_manifest(out_dir, plan_dict, shard_entries(out_dir, plan))
+    return plan_dict
 
 
 def load_samples(folder: str, allow_incomplete: bool = False) -> dict[str, np.ndarray]:
