@@ -112,9 +112,10 @@ def main(argv: list[str]) -> None:
             classifier_spec(_CLASSIFIER.value)
         except ValueError as e:
             _fail(f'--filter_classifier: {e}', 2)
-    try:
+    try:  # command-line errors (exit 2), before any model is loaded
         first, end = shards.parse_seeds(_SEEDS.value, _NUM.value)
-    except ValueError as e:  # a command-line error
+        options.check_flags(_SOLVER.value, solver_options, _GUIDANCE.value)
+    except ValueError as e:
         _fail(str(e), 2)
     try:
         parallel.initialize(_COORD.value, _NPROC.value, _PID.value)

@@ -79,7 +79,9 @@ def test_bad_values_and_damaged_inputs_end_in_one_line_before_anything_is_writte
          f'--config {bad_syntax}: syntax error at line 1'),
         ([sys.executable, 'train.py', '--config', str(no_get), '--workdir', str(next(outs))], 2,
          'defines no get_config()'),
-        (sample('--num_steps', '0'), 1, "--num_steps=0 is out of range for solver 'edm': it must be an integer"),
+        (sample('--num_steps', '0'), 2, "--num_steps=0 is out of range for solver 'edm': it must be an integer"),
+        (sample('--guidance', 'cfg:wieght=2'), 2, "--guidance 'cfg:wieght=2': transform cfg: unknown key 'wieght' "
+                                                  "(did you mean 'weight'?)"),
         (sample('--filter_top', '1.5'), 2, '--filter_top=1.5 must lie in (0, 1]'),
         (sample('--seeds', '5-2'), 2, "--seeds '5-2': the range is empty"),
         (train('--config.data.source=npz', f'--config.data.path={torn}'), 1,

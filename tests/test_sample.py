@@ -186,7 +186,7 @@ def test_resume_refuses_other_settings_and_bad_input(env, run_dir, tmp_path):
     cases = [
         (['--workdir', tmp_path / 'nowhere', '--out', tmp_path / 'o1', '--num_samples', 4], 1, 'not found'),
         (['--workdir', run_dir, '--out', tmp_path / 'o2', '--num_samples', 4, '--S_churn', 1, '--solver', 'ddim'],
-         1, 'takes no option S_churn'),
+         2, 'takes no option S_churn'),  # command-line errors: exit 2
         (['--workdir', run_dir, '--out', tmp_path / 'o3'], 2, '--num_samples'),  # a command-line error
         (['--out', tmp_path / 'o4', '--num_samples', 4], 2, '--workdir is required'),
     ]

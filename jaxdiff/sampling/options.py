@@ -179,6 +179,22 @@ def parse_transform(spec: str) -> tuple[str, dict[str, Any]]:
     return name.strip(), kwargs
 
 
+def check_flags(solver: str, options: Mapping[str, Any], specs: Sequence[str]) -> None:
+    """What can be checked of sample.py's sampling flags before a model is loaded (command-line errors): the solver
+    name, the options it takes and their ranges, each ``--guidance`` spec's syntax, transform name and keys.
+    ValueError (one line) otherwise; :func:`resolve_solver` and :func:`make_transform` check the rest."""
+    unused = sorted(set(options) - set(solver_defaults(solver)))
+    if unused:
+        raise ValueError(f'solver {solver!r} takes no option {", ".join(unused)} (it takes: '
+                         f'{", ".join(sorted(solver_defaults(solver)))})')
+    check_ranges(solver, options)
+    for spec in specs:
+        try:
+            registry.check_spec(*parse_transform(spec))
+        except ValueError as e:
+            raise ValueError(f'--guidance {spec!r}: {e}') from e
+
+
 def make_transform(specs: Sequence[str], label_dim: int, solver: str, resolved: Mapping[str, Any],
                    sigma_range: tuple[float, float]) -> tuple[transforms.Transform | None, list[dict]]:
     """(the chained transform or None, [{'name', **kwargs}] for the manifest) from transform specs.

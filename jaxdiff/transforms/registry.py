@@ -175,8 +175,8 @@ REGISTRY: dict[str, Entry] = {
 }
 
 
-def build(name: str, kwargs: dict[str, Any], ctx: Context) -> Transform:
-    """REGISTRY[name]'s transform from ``kwargs``; ValueError naming the problem for an unknown name or argument."""
+def check_spec(name: str, kwargs: dict[str, Any]) -> None:
+    """ValueError (one line) for an unknown transform name or a key it does not take ('did you mean')."""
     if name not in REGISTRY:
         raise ValueError(f'unknown transform {name!r}: use one of {", ".join(REGISTRY)}')
     keys = REGISTRY[name].keys()
@@ -185,6 +185,11 @@ def build(name: str, kwargs: dict[str, Any], ctx: Context) -> Transform:
             near = difflib.get_close_matches(key, keys, n=1)
             hint = f' (did you mean {near[0]!r}?)' if near else ''
             raise ValueError(f'transform {name}: unknown key {key!r}{hint}; it takes {", ".join(keys)}')
+
+
+def build(name: str, kwargs: dict[str, Any], ctx: Context) -> Transform:
+    """REGISTRY[name]'s transform from ``kwargs``; ValueError naming the problem for an unknown name or argument."""
+    check_spec(name, kwargs)
     try:
         return REGISTRY[name].build(kwargs, ctx)
     except (TypeError, ValueError) as e:  # TypeError: an argument the transform does not take
