@@ -24,20 +24,17 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from jaxdiff.cli import argument_parser, fail
 from jaxdiff.evaluation.html import reason
 from jaxdiff.evaluation.report import build_report
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        # One line and exit code 2 (as train.py), instead of argparse's usage dump.
-        print(f'error: {message}', file=sys.stderr)
-        raise SystemExit(2)
+PROG = 'eval.report'
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    """The command line (raises SystemExit(2) after one error line when it is bad)."""
-    parser = _Parser(prog='python -m eval.report', description=__doc__.splitlines()[0])
+    """The command line (one error line and exit code 2 when it is bad)."""
+    parser = argument_parser(PROG, __doc__.splitlines()[0])
     parser.add_argument('--workdir', required=True, help='run directory written by train.py')
     parser.add_argument('--samples', action='append', default=[], metavar='DIR',
                         help='sample folder written by sample.py (repeatable)')
@@ -48,21 +45,15 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry: build the report and print its path last. Returns 0, 2 for a bad command line or a missing
-    workdir, 1 when the report cannot be written."""
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0)
+    """Command-line entry: build the report and print its path last. Returns 0; exits 2 for a bad command line or a
+    missing workdir, 1 when the report cannot be written (one ``eval.report: error:`` line, as every CLI)."""
+    args = parse_args(argv)
     if not os.path.isdir(args.workdir):
-        print(f'error: workdir {args.workdir!r} is not a directory (pass the --workdir of a train.py run)',
-              file=sys.stderr)
-        return 2
+        fail(PROG, f'workdir {args.workdir!r} is not a directory (pass the --workdir of a train.py run)', 2)
     try:
         path = build_report(args.workdir, args.samples, args.metrics, args.out)
     except OSError as e:  # inputs that cannot be read show in the page; this is the output or a directory listing
-        print(f'error: {e.filename or args.out}: {reason(e)}', file=sys.stderr)
-        return 1
+        fail(PROG, f'{e.filename or args.out}: {reason(e)}', 1)
     print(path)
     return 0
 

@@ -227,14 +227,20 @@ def test_empty_run_dir_reports_each_section_unavailable(tmp_path, capsys):
     assert '<img' not in page
 
 
-def test_missing_workdir_is_one_error_line(tmp_path, capsys):
-    assert report_cli.main(['--workdir', str(tmp_path / 'nope')]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ''
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and 'nope' in lines[0]
-    assert report_cli.main(['--samples', 'x']) == 2  # --workdir missing: also one line
-    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+def test_missing_workdir_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """One 'eval.report: error:' line and exit 2 (cli.fail's exit made a SystemExit here: the CLI in this process)."""
+    from jaxdiff import cli as cli_module
+
+    def fail(prog, message, code):
+        raise SystemExit((code, f'{prog}: error: {message}'))
+    monkeypatch.setattr(report_cli, 'fail', fail)
+    monkeypatch.setattr(cli_module, 'fail', fail)  # argument errors
+    for argv, needle in ((['--workdir', str(tmp_path / 'nope')], 'nope'), (['--samples', 'x'], '--workdir')):
+        with pytest.raises(SystemExit) as exit:
+            report_cli.main(argv)
+        code, line = exit.value.code
+        assert code == 2 and line.startswith('eval.report: error:') and needle in line, line
+    assert capsys.readouterr().out == ''
 
 
 def test_cli_prints_path_last(run):
