@@ -96,7 +96,7 @@ RANGES: dict[str, ranges.Rule] = {
     'optim.beta1': ranges.between(0, 1, open_hi=True), 'optim.beta2': ranges.between(0, 1, open_hi=True),
     'optim.eps': ranges.POSITIVE, 'optim.lr_rampup_img': ranges.NON_NEGATIVE,
     'ema.halflife_img': ranges.NON_NEGATIVE,
-    'ema.rampup_ratio': ranges.Rule(lambda v: v is None or ranges.NON_NEGATIVE.ok(v), '>= 0 or None'),
+    'ema.rampup_ratio': ranges.optional(ranges.NON_NEGATIVE),
     'sampling.num_images': ranges.COUNT, 'sampling.num_steps': ranges.COUNT, 'sampling.guidance': ranges.NUMBER,
 }
 

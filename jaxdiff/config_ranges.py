@@ -59,6 +59,11 @@ def integers(lo: int, *, nonempty: bool = True) -> Rule:
     return Rule(ok, f'a {"non-empty " if nonempty else ""}list of integers >= {lo}')
 
 
+def optional(rule: Rule) -> Rule:
+    """``rule``, or None (unset)."""
+    return Rule(lambda v: v is None or rule.ok(v), f'{rule.text} or None')
+
+
 POSITIVE = above(0)
 NON_NEGATIVE = at_least(0)
 COUNT = at_least(1, integer=True)              # a positive integer (steps, sizes)

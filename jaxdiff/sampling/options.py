@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import config_ranges as ranges
 from jaxdiff import solvers, transforms
 from jaxdiff.data.sources import load_npz
 from jaxdiff.sampling.model import noisy_classifier_logits
@@ -81,33 +82,31 @@ def _solver(name: str) -> Callable:
     return SOLVERS[name]
 
 
-def _count(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() and v >= 1
-
-
-def _positive(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and v > 0)
-
-
-def _non_negative(v) -> bool:
-    return v is None or (isinstance(v, (int, float)) and v >= 0)
-
-
 # The numeric solver options' valid values (checked before anything is written or sampled); None = unset.
-OPTION_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **{k: (_count, 'an integer >= 1') for k in ('num_steps', 'n_steps', 'n_steps_each', 'num_levels', 'M')},
-    **{k: (_positive, '> 0') for k in ('sigma_min', 'sigma_max', 'rho', 'S_noise', 'snr', 'step_lr', 'alpha',
-                                       'beta_min', 'beta_max', 'C_1', 'C_2', 'epsilon_s', 'eps_t')},
-    **{k: (_non_negative, '>= 0') for k in ('S_churn', 'S_min', 'S_max', 'eta')},
+OPTION_RANGES: dict[str, ranges.Rule] = {
+    **{k: ranges.COUNT for k in ('num_steps', 'n_steps', 'n_steps_each', 'num_levels', 'M')},
+    **{k: ranges.optional(ranges.POSITIVE) for k in ('sigma_min', 'sigma_max', 'rho', 'S_noise', 'snr', 'step_lr',
+                                                     'alpha', 'beta_min', 'beta_max', 'C_1', 'C_2', 'epsilon_s',
+                                                     'eps_t')},
+    **{k: ranges.optional(ranges.NON_NEGATIVE) for k in ('S_churn', 'S_min', 'S_max', 'eta')},
 }
+
+
+def _check_taken(name: str, options: Mapping[str, Any]) -> None:
+    """ValueError (one line) for an option solver ``name`` does not take."""
+    defaults = solver_defaults(name)
+    unused = sorted(set(options) - set(defaults))
+    if unused:
+        raise ValueError(f'solver {name!r} takes no option {", ".join(unused)} (it takes: '
+                         f'{", ".join(sorted(defaults))})')
 
 
 def check_ranges(name: str, resolved: Mapping[str, Any]) -> None:
     """ValueError (one line naming the option, its value and the valid range) for a value no sampler can use."""
     for key, value in resolved.items():
-        ok, valid = OPTION_RANGES.get(key, (lambda v: True, ''))
-        if not ok(value):
-            raise ValueError(f'--{key}={value} is out of range for solver {name!r}: it must be {valid}')
+        rule = OPTION_RANGES.get(key)
+        if rule is not None and not rule.ok(value):
+            raise ValueError(f'--{key}={value} is out of range for solver {name!r}: it must be {rule.text}')
     lo, hi = resolved.get('sigma_min'), resolved.get('sigma_max')
     if lo is not None and hi is not None and not lo < hi:
         raise ValueError(f'--sigma_min={lo} must be below --sigma_max={hi} (solver {name!r})')
@@ -120,10 +119,7 @@ def resolve_solver(name: str, options: Mapping[str, Any], sigma_range: tuple[flo
     Raises ValueError for an option the solver does not take or a value out of its range (:data:`OPTION_RANGES`).
     """
     defaults = solver_defaults(name)
-    unused = sorted(set(options) - set(defaults))
-    if unused:
-        raise ValueError(f'solver {name!r} takes no option {", ".join(unused)} (it takes: '
-                         f'{", ".join(sorted(defaults))})')
+    _check_taken(name, options)
     resolved = dict(defaults)
     if name in _SIGMA_DEFAULTS:
         span = dict(zip(('sigma_min', 'sigma_max'), _SIGMA_DEFAULTS[name]({**defaults, **options})))
@@ -183,10 +179,7 @@ def check_flags(solver: str, options: Mapping[str, Any], specs: Sequence[str]) -
     """What can be checked of sample.py's sampling flags before a model is loaded (command-line errors): the solver
     name, the options it takes and their ranges, each ``--guidance`` spec's syntax, transform name and keys.
     ValueError (one line) otherwise; :func:`resolve_solver` and :func:`make_transform` check the rest."""
-    unused = sorted(set(options) - set(solver_defaults(solver)))
-    if unused:
-        raise ValueError(f'solver {solver!r} takes no option {", ".join(unused)} (it takes: '
-                         f'{", ".join(sorted(solver_defaults(solver)))})')
+    _check_taken(solver, options)
     check_ranges(solver, options)
     for spec in specs:
         try:
