@@ -20,7 +20,7 @@ import os
 from absl import app, flags, logging
 
 from jaxdiff.sampling import options
-from jaxdiff.cli import fail, quiet_checkpoint_echoes
+from jaxdiff.cli import UsageError, fail, quiet_checkpoint_echoes
 from jaxdiff.transforms import registry
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'train.py run directory, or a converted EDM checkpoint folder.')
@@ -135,6 +135,8 @@ def main(argv: list[str]) -> None:
             if _TOP.value is not None:
                 from jaxdiff.sampling.filter import filter_folder
                 filter_folder(_OUT.value, _TOP.value, _CLASSIFIER.value, shard_size=_SHARD.value)
+    except UsageError as e:  # a flag the loaded model cannot take
+        _fail(str(e), 2)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,
             DirectoryLockedError) as e:
         _fail(str(e), 1)

@@ -7,6 +7,12 @@ import sys
 from typing import Sequence
 
 
+class UsageError(ValueError):
+    """A value given on the command line that cannot be used, found only once a model or run is loaded (a class
+    index beyond the model's classes, a solver range outside its sigma range): CLIs report it as a command-line
+    error, exit code 2."""
+
+
 def fail(prog: str, message: str, code: int) -> None:
     """Print ``<prog>: error: <message>`` (one line) on stderr and exit with ``code``.
 

@@ -85,22 +85,23 @@ DATA: dict[str, Rule] = {
 }
 
 
-def _leaves(config, prefix: str = '') -> dict[str, Any]:
+def leaves(config, prefix: str = '') -> dict[str, Any]:
+    """{'optim.lr': 0.001, ...}: the dotted key and value of every leaf of a ConfigDict or nested dict."""
     out = {}
     for key, value in config.items():
         name = f'{prefix}.{key}' if prefix else key
-        out.update(_leaves(value, name) if hasattr(value, 'items') else {name: value})
+        out.update(leaves(value, name) if hasattr(value, 'items') else {name: value})
     return out
 
 
 def check(config, ranges: Mapping[str, Rule]) -> None:
     """ValueError (one line: key, value, valid range) for the first field of ``config`` outside its rule."""
-    leaves = _leaves(config)
+    values = leaves(config)
     for key, rule in ranges.items():
-        if key in leaves and not rule.ok(leaves[key]):
-            raise ValueError(f'config.{key}={leaves[key]!r} is out of range: it must be {rule.text}')
+        if key in values and not rule.ok(values[key]):
+            raise ValueError(f'config.{key}={values[key]!r} is out of range: it must be {rule.text}')
 
 
 def undeclared(schema, ranges: Mapping[str, Rule]) -> list[str]:
     """The leaves of ``schema`` without a rule in ``ranges`` (a test keeps this empty for every task)."""
-    return sorted(set(_leaves(schema)) - set(ranges))
+    return sorted(set(leaves(schema)) - set(ranges))

@@ -28,28 +28,14 @@ LEGACY_CODEC_FILE = 'checkpoint.msgpack'  # the watermark codec's checkpoint bef
 TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger', 'feature_classifier')
 TRIGGER_DENOISER_DIR = 'denoiser'  # a finished trigger run's model as a denoiser run (jaxdiff.tasks.trigger)
 
-# For the one message of a run of the wrong kind: what each task's run is, what to do with it, how to make one.
-KIND = {'denoiser': 'diffusion model', 'noisy_classifier': 'noisy classifier', 'trigger': 'trigger fine-tuning',
-        'adversarial': 'adversarial-training (robust classifier)', 'watermark_codec': 'watermark codec',
-        'feature_classifier': 'feature classifier'}
-USE = {'denoiser': 'sample it with python sample.py --workdir {dir}',
-       'noisy_classifier': 'guide a diffusion model with it: sample.py --guidance classifier:run={dir}',
-       'trigger': 'sample its fine-tuned model with python sample.py --workdir {dir}',
-       'adversarial': 'evaluate it with python -m eval.robustness --workdir {dir}',
-       'watermark_codec': 'watermark a dataset with it: python watermark.py embed --codec {dir} --out DIR',
-       'feature_classifier': 'eval.fid uses it by name (--features)'}
-MAKE = {'denoiser': 'configs/diffusion/*.py', 'noisy_classifier': 'configs/classifier/*_noisy.py',
-        'trigger': 'configs/watermark/trigger_digits.py', 'adversarial': 'configs/robust/*.py',
-        'watermark_codec': 'configs/watermark/*.py', 'feature_classifier': 'configs/classifier/*_features.py'}
-
-
 def wrong_kind(workdir: str, task: str, want: str) -> str:
     """The one line for a run of task ``task`` passed where a ``want`` run is needed: what it is, what it serves,
     how to train the wanted kind."""
     def a(kind: str) -> str:
         return f'an {kind}' if kind[0] in 'aeiou' else f'a {kind}'
-    return (f'{workdir} is {a(KIND[task])} run, not {a(KIND[want])} run ({USE[task].format(dir=workdir)}); train '
-            f'{a(KIND[want])} with python train.py --config {MAKE[want]} --workdir NEW_RUN')
+    have, need = registry.get(task), registry.get(want)
+    return (f'{workdir} is {a(have.kind)} run, not {a(need.kind)} run ({have.use.format(dir=workdir)}); train '
+            f'{a(need.kind)} with python train.py --config {need.configs} --workdir NEW_RUN')
 
 
 class Run(NamedTuple):

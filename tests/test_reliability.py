@@ -94,3 +94,55 @@ def test_bad_values_and_damaged_inputs_end_in_one_line_before_anything_is_writte
     for (command, code, needle), result in zip(cases, results):
         assert_one_line_error(result, code, needle)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('out')]
+
+
+def test_unfinished_folders_wrong_runs_and_values_the_model_cannot_take(env, run_dir, tmp_path):
+    """Numbers from incomplete inputs (an unfinished or inconsistent sample folder, NaN reference statistics),
+    messages that name what is wrong (a classifier run given to sample.py, a diffusion run given as a codec, a random
+    -bytes --ref), and sample.py flags that only the loaded model refutes (a class beyond its 10, a cfg negative
+    class beyond them): the documented exit code and one line naming the file, the run or the flag."""
+    import json
+
+    from jaxdiff.sampling import shards
+    images, labels = np.zeros((6, 8, 8, 1), np.uint8), np.arange(6) % 10
+    unfinished, holed = tmp_path / 'unfinished', tmp_path / 'holed'
+    for folder in (unfinished, holed):
+        shards.write_samples(str(folder), images, labels, 10, shard_size=3)
+    manifest = json.loads((unfinished / shards.MANIFEST).read_text())
+    (unfinished / shards.MANIFEST).write_text(json.dumps(dict(manifest, complete=False)))
+    os.remove(shards.shard_path(str(holed), 1))
+    nan_stats, noise = tmp_path / 'nan_stats.npz', tmp_path / 'noise.npz'
+    np.savez(nan_stats, mu=np.full(4, np.nan), sigma=np.eye(4))
+    noise.write_bytes(np.random.default_rng(0).bytes(400))
+    classifier = tmp_path / 'classifier_run'  # what load_run reads before any weights: config.json, checkpoints/
+    (classifier / 'checkpoints').mkdir(parents=True)
+    (classifier / 'config.json').write_text(json.dumps({'task': 'adversarial'}))
+    outs = iter(tmp_path / f'out{i}' for i in range(100))
+    before = snapshot(run_dir)
+
+    def fid(samples, ref):
+        return [sys.executable, '-m', 'eval.fid', '--samples', str(samples), '--ref', str(ref), '--features',
+                'digits_classifier']
+
+    def sample(workdir, *extra):
+        return [sys.executable, 'sample.py', '--workdir', str(workdir), '--out', str(next(outs)), '--num_samples',
+                '4', '--num_steps', '2', *extra]
+
+    cases = [
+        (fid(unfinished, 'digits'), 1, f'{unfinished} is incomplete: its sampling did not finish'),
+        (fid(holed, 'digits'), 1, f'{holed} lacks 1 of the 2 shards', 'shard-00001.npz'),
+        (fid('digits', nan_stats), 1, f'{nan_stats}', 'NaN'),
+        (fid('digits', noise), 1, f'{noise}'),
+        (sample(classifier), 1, f'{classifier} is an adversarial-training (robust classifier) run, not a diffusion '
+                                'model run'),
+        ([sys.executable, 'watermark.py', 'embed', '--codec', run_dir, '--out', str(next(outs))], 1,
+         f'{run_dir} is a diffusion model run, not a watermark codec run'),
+        (sample(run_dir, '--labels', '12'), 2, "--labels '12': classes must lie in 0..9"),
+        (sample(run_dir, '--guidance', 'cfg:weight=2,negative=11'), 2, "--guidance 'cfg:weight=2,negative=11'",
+         'in 0..9'),
+    ]
+    results = run_together([command for command, *_ in cases], env, ROOT)
+    for (command, code, *needles), result in zip(cases, results):
+        assert_one_line_error(result, code, *needles)
+    assert snapshot(run_dir) == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith('out')]

@@ -188,3 +188,20 @@ def test_fields_added_later_at_their_default_are_not_a_config_change(tmp_path):
     config = tiny(**{'loss.sigma_min': 0.01})
     with pytest.raises(ckpt.ConfigMismatchError, match='loss.sigma_min'):
         ckpt.check_config(str(tmp_path), config, False, schema=base_config())
+
+
+def test_progress_lines_of_non_training_loops(monkeypatch):
+    """jaxdiff.progress.Progress: the rate counts from the end of the first update (compilation excluded), a line
+    when every_s passed since the last one (or the first update) and always at the end; the ETA is the rest at
+    that rate."""
+    from jaxdiff import progress
+    clock = iter([100.0, 103.0, 110.0, 112.0])  # first update ends at 100 s
+    monkeypatch.setattr(progress.time, 'perf_counter', lambda: next(clock))
+    lines = []
+    p = progress.Progress('sampled', 100, lines.append, every_s=10.0)
+    p.add(10)                      # t=100: starts the clock, quiet
+    p.add(30)                      # t=103: 3 s since the last line -> quiet
+    p.add(40)                      # t=110: 80 - 10 items in 10 s
+    p.add(20)                      # t=112: the end, always logged
+    assert lines == ['sampled 80/100 (80.0%) | 7.0 img/s | ETA 0:00:03',
+                     'sampled 100/100 (100.0%) | 7.5 img/s | ETA 0:00:00']

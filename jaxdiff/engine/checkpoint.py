@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from jaxdiff import files
+from jaxdiff.config_ranges import leaves
 
 ITEMS = ('state', 'data', 'meta')
 CONFIG_FILE = 'config.json'
@@ -104,24 +105,15 @@ def config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def _flatten(d: Any, prefix: str = '') -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f'{prefix}.{k}' if prefix else k))
-    return out
-
-
 def config_diff(old: dict, new: dict) -> list[str]:
     """Dotted keys whose values differ (or exist in one only), sorted."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = leaves(old), leaves(new)
     return sorted(k for k in set(a) | set(b) if a.get(k, '<absent>') != b.get(k, '<absent>'))
 
 
 def _added_at_default(key: str, old: dict, new: dict, defaults: dict) -> bool:
     """A field the library added after the run started, at its default: the run's meaning is unchanged."""
-    return key not in _flatten(old) and key in defaults and _flatten(new).get(key) == defaults[key]
+    return key not in leaves(old) and key in defaults and leaves(new).get(key) == defaults[key]
 
 
 def check_config(workdir: str, config, allow_change: bool, *, write: bool = True, schema=None,
@@ -137,7 +129,7 @@ def check_config(workdir: str, config, allow_change: bool, *, write: bool = True
     """
     path = os.path.join(workdir, CONFIG_FILE)
     new = config_dict(config)
-    defaults = _flatten(config_dict(schema)) if schema is not None else {}
+    defaults = leaves(config_dict(schema)) if schema is not None else {}
     if os.path.exists(path):
         try:
             with open(path) as f:
@@ -149,7 +141,7 @@ def check_config(workdir: str, config, allow_change: bool, *, write: bool = True
         if not diff:
             return
         if not allow_change:
-            shown = ', '.join(f'{k} ({_flatten(old).get(k, "<absent>")!r} -> {_flatten(new).get(k, "<absent>")!r})'
+            shown = ', '.join(f'{k} ({leaves(old).get(k, "<absent>")!r} -> {leaves(new).get(k, "<absent>")!r})'
                               for k in diff[:8]) + (' ...' if len(diff) > 8 else '')
             raise ConfigMismatchError(f'config differs from {path} in {shown}; pass --allow_config_change to resume '
                                       'with the new config, or use a new --workdir')

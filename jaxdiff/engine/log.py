@@ -15,7 +15,6 @@ logger.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -25,14 +24,9 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from jaxdiff.progress import format_eta
+
 METRICS_FILE = 'metrics.jsonl'
-
-
-def format_eta(seconds: float) -> str:
-    """Seconds -> 'H:MM:SS' (or '?' when unknown)."""
-    if not np.isfinite(seconds) or seconds < 0:
-        return '?'
-    return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
 def _format(name: str, value: float, spec: str) -> str:

@@ -9,7 +9,9 @@ A task is a :class:`Task` record, one per ``jaxdiff/tasks/*.py`` file (``TASK = 
 - ``upgrade(saved: dict) -> dict``: a run's saved config.json in today's field names (renamed fields), so an
   older run resumes and loads without a config change (default: unchanged);
 - ``ranges``: {dotted key: :class:`jaxdiff.config_ranges.Rule`} for every schema field, checked by the engine
-  before ``check``.
+  before ``check``;
+- ``kind``, ``use``, ``configs``: what a run of the task is, what to do with one and where its configs are, for
+  the one message of a run passed where another kind is needed (:func:`jaxdiff.runs.wrong_kind`).
 
 ``keys`` is :class:`RunKeys`: three replicated PRNG keys split from ``config.seed`` (init, train, extra); the train
 key reaches every step, which folds in the step number, so a resumed run repeats the uninterrupted one.
@@ -130,6 +132,9 @@ class Task:
     setup: Callable[[Any, str, Any, RunKeys], Setup]
     upgrade: Callable[[dict], dict] = unchanged
     ranges: Mapping[str, Rule] = dataclasses.field(default_factory=dict)
+    kind: str = ''     # what a run of this task is, for messages: 'diffusion model'
+    use: str = ''      # what to do with such a run ('{dir}' stands for it), for a run passed where it does not fit
+    configs: str = ''  # where its shipped configs are: 'configs/diffusion/*.py'
 
 
 def state_step(state) -> Any:

@@ -13,6 +13,8 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import numpy as np
 
+from jaxdiff.progress import Progress
+
 INCEPTION = 'inception'
 
 
@@ -60,6 +62,7 @@ def extract(extractor: Extractor, images: np.ndarray, log: Optional[Callable[[st
     (the last one padded) so the extractor compiles once."""
     b = extractor.batch_size
     feats, logits = [], []
+    progress = Progress(f'{extractor.name} features:', len(images), log) if log else None
     for lo in range(0, len(images), b):
         chunk = images[lo:lo + b]
         real = len(chunk)
@@ -68,6 +71,6 @@ def extract(extractor: Extractor, images: np.ndarray, log: Optional[Callable[[st
         out = extractor.apply(chunk)
         feats.append(np.asarray(out['features'], np.float64)[:real])
         logits.append(np.asarray(out['logits'], np.float32)[:real])
-        if log and (lo // b) % 50 == 49:
-            log(f'features: {lo + real:,}/{len(images):,}')
+        if progress:
+            progress.add(real)
     return np.concatenate(feats), np.concatenate(logits)

@@ -14,26 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.progress import Progress
+
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 AA_STANDARD = dict(n_iter=100, n_queries=5000)
-
-
-class Progress:
-    """'<phase>: done/total (..%) | elapsed | ETA' lines on stderr, at most every ``every`` seconds and at the end."""
-
-    def __init__(self, phase: str, total: int, log: Callable[[str], None], every: float = 10.0):
-        self.phase, self.total, self.log, self.every = phase, total, log, every
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every and done < self.total:
-            return
-        self.last = now
-        rate = done / max(now - self.t0, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float('nan')
-        self.log(f'{self.phase}: {done}/{self.total} ({100 * done / self.total:.0f}%) | {now - self.t0:.0f}s | '
-                 f'ETA {eta:.0f}s')
 
 
 def batch_ranges(n: int, batch: int):
@@ -175,7 +159,7 @@ def evaluate_attacks(apply, variables, images: np.ndarray, labels: np.ndarray, *
     result = dict(n=n)
 
     def run_phase(phase: str, fn, with_valid: bool = False, done: Optional[list] = None) -> list:
-        progress = Progress(phase, n, log)
+        progress = Progress(f'{phase}:', n, log)
         outs = [] if done is None else done
         for (lo, hi), k in zip(batches, keys):
             x = jnp.asarray(_pad(images[lo:hi], size), jnp.float32) / 255.0
@@ -183,7 +167,7 @@ def evaluate_attacks(apply, variables, images: np.ndarray, labels: np.ndarray, *
             args = (variables, x, y) + ((jnp.arange(size) < hi - lo,) if with_valid else ()) + (k, eps_arg)
             out = jax.device_get(fn(*args))
             outs.append(jax.tree.map(lambda a, m=hi - lo: np.asarray(a)[..., :m] if np.ndim(a) else a, out))
-            progress.update(hi)
+            progress.add(hi - lo)
         return outs
 
     t = time.perf_counter()
@@ -240,7 +224,7 @@ def evaluate_smoothing(apply, variables, denoiser_of, dvars, images: np.ndarray,
     from jaxdiff.robust import smoothing
     denoiser = denoiser_of(dvars)
     base = smoothing.denoised_classifier(denoiser, lambda x: apply(variables, x), sigma)
-    progress = Progress('certify', len(images), log)
+    progress = Progress('certify:', len(images), log)
     classes, rads = [], []
     t = time.perf_counter()
     for i in range(len(images)):
@@ -249,7 +233,7 @@ def evaluate_smoothing(apply, variables, denoiser_of, dvars, images: np.ndarray,
                                  batch=batch)
         classes.append(c)
         rads.append(r)
-        progress.update(i + 1)
+        progress.add(1)
     classes, rads = np.asarray(classes), np.asarray(rads, np.float64)
     correct = classes == labels
     acc = smoothing.certified_accuracy(rads, correct, radii)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxdiff.cli import UsageError
+
 BASE_SEED = 0
 LABEL_MODES = ('random', 'cycle', 'none')
 
@@ -35,23 +37,24 @@ class Labels(NamedTuple):
 
 
 def make_labels(label_dim: int, class_balanced: bool = False, labels: Optional[str] = None) -> Labels:
-    """Labels for a model with ``label_dim`` classes from --class_balanced / --labels L[,L...]."""
+    """Labels for a model with ``label_dim`` classes from --class_balanced / --labels L[,L...]; UsageError if they
+    do not fit the model."""
     if not label_dim:
         if class_balanced or labels:
-            raise ValueError('--class_balanced / --labels need a class-conditional model; this one is unconditional')
+            raise UsageError('--class_balanced / --labels need a class-conditional model; this one is unconditional')
         return Labels('none', (), 0)
     if class_balanced and labels:
-        raise ValueError('give --class_balanced or --labels, not both')
+        raise UsageError('give --class_balanced or --labels, not both')
     if class_balanced:
         return Labels('cycle', tuple(range(label_dim)), label_dim)
     if labels:
         try:
             values = tuple(int(v) for v in str(labels).split(','))
         except ValueError:
-            raise ValueError(f'--labels {labels!r}: expected class indices like 3 or 0,1,2') from None
+            raise UsageError(f'--labels {labels!r}: expected class indices like 3 or 0,1,2') from None
         bad = [v for v in values if not 0 <= v < label_dim]
         if bad:
-            raise ValueError(f'--labels {labels!r}: classes must lie in 0..{label_dim - 1}, got {bad}')
+            raise UsageError(f'--labels {labels!r}: classes must lie in 0..{label_dim - 1}, got {bad}')
         return Labels('cycle', values, label_dim)
     return Labels('random', (), label_dim)
 

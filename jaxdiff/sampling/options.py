@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import config_ranges as ranges
+from jaxdiff.cli import UsageError
 from jaxdiff import solvers, transforms
 from jaxdiff.data.sources import load_npz
 from jaxdiff.sampling.model import noisy_classifier_logits
@@ -97,7 +98,7 @@ def _check_taken(name: str, options: Mapping[str, Any]) -> None:
     defaults = solver_defaults(name)
     unused = sorted(set(options) - set(defaults))
     if unused:
-        raise ValueError(f'solver {name!r} takes no option {", ".join(unused)} (it takes: '
+        raise UsageError(f'solver {name!r} takes no option {", ".join(unused)} (it takes: '
                          f'{", ".join(sorted(defaults))})')
 
 
@@ -106,10 +107,10 @@ def check_ranges(name: str, resolved: Mapping[str, Any]) -> None:
     for key, value in resolved.items():
         rule = OPTION_RANGES.get(key)
         if rule is not None and not rule.ok(value):
-            raise ValueError(f'--{key}={value} is out of range for solver {name!r}: it must be {rule.text}')
+            raise UsageError(f'--{key}={value} is out of range for solver {name!r}: it must be {rule.text}')
     lo, hi = resolved.get('sigma_min'), resolved.get('sigma_max')
     if lo is not None and hi is not None and not lo < hi:
-        raise ValueError(f'--sigma_min={lo} must be below --sigma_max={hi} (solver {name!r})')
+        raise UsageError(f'--sigma_min={lo} must be below --sigma_max={hi} (solver {name!r})')
 
 
 def resolve_solver(name: str, options: Mapping[str, Any], sigma_range: tuple[float, float]) -> dict[str, Any]:
@@ -194,7 +195,8 @@ def make_transform(specs: Sequence[str], label_dim: int, solver: str, resolved: 
 
     Names and arguments: :data:`jaxdiff.transforms.registry.REGISTRY`. solver, resolved: the solver and its full
     options (:func:`resolve_solver`), whose grid and DDIM eta the transforms that follow the trajectory use;
-    sigma_range: the model's. Raises ValueError naming the spec for an unknown name or argument.
+    sigma_range: the model's. Raises :class:`jaxdiff.cli.UsageError` naming the spec for an unknown name or
+    argument, or one the model cannot take.
     """
     ctx = registry.Context(label_dim, *grid_ends(resolved, sigma_range), grid=functools.cache(
         lambda: solver_grid(make_solver(solver, resolved))), ddim_eta=DDIM_ETA.get(solver, lambda o: 0.0)(resolved),
@@ -205,7 +207,7 @@ def make_transform(specs: Sequence[str], label_dim: int, solver: str, resolved: 
         try:
             built.append(registry.build(name, kwargs, ctx))
         except ValueError as e:
-            raise ValueError(f'--guidance {spec!r}: {e}') from e
+            raise UsageError(f'--guidance {spec!r}: {e}') from e
         described.append({'name': name, **kwargs})
     if not built:
         return None, []

@@ -8,55 +8,17 @@ host and written, which keeps the devices busy while files are written.
 from __future__ import annotations
 
 import os
-import sys
-import time
 from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from jaxdiff.cli import UsageError
 from jaxdiff.dir_lock import DirectoryLock
+from jaxdiff.progress import Progress
 from jaxdiff.sampling import generate as gen
 from jaxdiff.sampling import options, shards
 from jaxdiff.sampling.model import Model
-
-
-class Progress:
-    """A progress line every ``every_s`` seconds: done/total, img/s since the first batch returned, ETA."""
-
-    def __init__(self, total: int, prefix: str = '', every_s: float = 10.0, stream=None):
-        self.total, self.prefix, self.every_s = total, prefix, every_s
-        self.stream = stream or sys.stdout
-        self.done = 0
-        self._t0: Optional[float] = None
-        self._base = 0
-        self._last = 0.0
-
-    def update(self, count: int, force: bool = False) -> None:
-        """Add ``count`` finished samples; print when due (or forced)."""
-        now = time.perf_counter()
-        if self._t0 is None:  # the first batch includes compilation: time from its end
-            self._t0, self._base, self._last = now, self.done + count, now
-        self.done += count
-        if force or now - self._last >= self.every_s:
-            self._last = now
-            self.stream.write(self.line(now) + '\n')
-            self.stream.flush()
-
-    def rate(self, now: Optional[float] = None) -> float:
-        """Images per second since the first batch (nan before two batches)."""
-        now = time.perf_counter() if now is None else now
-        elapsed = now - (self._t0 or now)
-        return (self.done - self._base) / elapsed if elapsed > 0 else float('nan')
-
-    def line(self, now: float) -> str:
-        """'sampled 1,024/50,000 (2.0%) | 812.3 img/s | ETA 0:01:00'."""
-        from jaxdiff.engine.log import format_eta
-        rate = self.rate(now)
-        eta = (self.total - self.done) / rate if rate > 0 else float('nan')
-        pct = 100.0 * self.done / max(self.total, 1)
-        speed = f'{rate:.1f} img/s' if np.isfinite(rate) else '? img/s'
-        return f'{self.prefix}sampled {self.done:,}/{self.total:,} ({pct:.1f}%) | {speed} | ETA {format_eta(eta)}'
 
 
 def _batches(seeds: np.ndarray, batch_size: int):
@@ -76,15 +38,15 @@ def sample(model: Model, out_dir: str, *, first: int, end: int, batch_size: int 
     """Write seeds ``first .. end - 1`` of ``model`` as shards in ``out_dir`` (resuming); returns the manifest plan.
 
     batch_size: per process, a multiple of its local device count. The manifest gets "complete": true once
-    every shard exists (process 0 writes it after all processes finished). Raises ValueError for bad settings
-    or an out_dir holding samples made with other settings.
+    every shard exists (process 0 writes it after all processes finished). Raises :class:`jaxdiff.cli.UsageError`
+    for settings the model cannot take, ValueError for an out_dir holding samples made with other settings.
     """
     labels = labels or gen.make_labels(model.label_dim)
     devices = jax.local_device_count()
     if batch_size <= 0 or batch_size % devices:
-        raise ValueError(f'--batch_size {batch_size} must be a positive multiple of the {devices} local devices')
+        raise UsageError(f'--batch_size {batch_size} must be a positive multiple of the {devices} local devices')
     if shard_size <= 0:
-        raise ValueError(f'--shard_size {shard_size} must be positive')
+        raise UsageError(f'--shard_size {shard_size} must be positive')
     resolved = options.resolve_solver(solver, solver_options or {}, model.sigma_range)
     transform, described = options.make_transform(transforms, model.label_dim, solver, resolved, model.sigma_range)
     image_shape = (model.resolution, model.resolution, model.channels)
@@ -114,7 +76,7 @@ def sample(model: Model, out_dir: str, *, first: int, end: int, batch_size: int 
             f'({solver}, batch {batch_size} on {devices} device(s))')
         if todo:
             _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels,
-                             image_shape, array_record, Progress(total, prefix, progress_every_s))
+                             image_shape, array_record, Progress(f'{prefix}sampled', total, log, progress_every_s))
         _finish(out_dir, plan, record, primary)
         return record
 
@@ -150,7 +112,7 @@ def _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, t
                 labels_out.clear()
                 filled = 0
                 queue.pop(0)
-            progress.update(taken, force=not queue)
+            progress.add(taken)
 
     pending = None
     for seeds, real in _batches(stream, batch_size):

@@ -210,8 +210,8 @@ def write_samples(out_dir: str, images: np.ndarray, labels: np.ndarray, num_clas
                   shard_size: int = 10_000, record: Optional[dict] = None) -> dict:
     """A finished sample folder from arrays, as sample.py leaves one: images uint8 (N, H, W, C), labels int32 (N,)
     (-1: unconditional) as the shards of seeds first .. first + N - 1 and the complete manifest (the plan plus
-    ``record``'s fields, e.g. {'labels': ..., 'model': ...}). Returns the manifest's plan record. For tests, benchmarks and samples
-    made elsewhere."""
+    ``record``'s fields, e.g. {'labels': ..., 'model': ...}). Returns the manifest's plan record. For tests,
+    benchmarks and samples made elsewhere."""
     os.makedirs(out_dir, exist_ok=True)
     plan = Plan(first, first + len(images), shard_size)
     for k in range(plan.num_shards):

@@ -346,4 +346,6 @@ def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
 
 
 
-TASK = Task('adversarial', adversarial_config, check_config, setup, upgrade, RANGES)
+TASK = Task('adversarial', adversarial_config, check_config, setup, upgrade, RANGES,
+            kind='adversarial-training (robust classifier)',
+            use='evaluate it with python -m eval.robustness --workdir {dir}', configs='configs/robust/*.py')

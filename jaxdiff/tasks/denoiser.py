@@ -232,4 +232,6 @@ def sample_callback(config, workdir, mesh, keys, net, info, init, outputs: dict)
     return Callback('samples', config.sample_every, write_samples)
 
 
-TASK = Task('denoiser', base_config, check, functools.partial(setup, batch_loss, True), ranges=RANGES)
+TASK = Task('denoiser', base_config, check, functools.partial(setup, batch_loss, True), ranges=RANGES,
+            kind='diffusion model', use='sample it with python sample.py --workdir {dir}',
+            configs='configs/diffusion/*.py')

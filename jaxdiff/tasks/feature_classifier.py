@@ -230,7 +230,8 @@ RANGES: dict[str, ranges.Rule] = {
     'batch_size': ranges.at_least(0, integer=True), 'epochs': ranges.at_least(0, integer=True),
     'optim.lr': ranges.NON_NEGATIVE,
 }
-TASK = Task('feature_classifier', feature_classifier_config, check, setup, ranges=RANGES)
+TASK = Task('feature_classifier', feature_classifier_config, check, setup, ranges=RANGES, kind='feature classifier',
+            use='eval.fid uses it by name (--features)', configs='configs/classifier/*_features.py')
 
 
 # ----------------------------------------------------------------------------------------------- the cache

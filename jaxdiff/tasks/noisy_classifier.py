@@ -44,4 +44,6 @@ def classifier_loss(config, net: nn.Module, variables: dict, batch: dict, keys: 
 
 
 TASK = Task('noisy_classifier', base_config, denoiser.check, functools.partial(denoiser.setup, classifier_loss, False),
-            ranges=RANGES)
+            ranges=RANGES, kind='noisy classifier',
+            use='guide a diffusion model with it: sample.py --guidance classifier:run={dir}',
+            configs='configs/classifier/*_noisy.py')

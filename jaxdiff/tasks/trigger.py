@@ -257,4 +257,6 @@ RANGES: dict[str, ranges.Rule] = {
     'lam': ranges.NON_NEGATIVE, 'prior': ranges.at_least(0, integer=True), 'prior_weight': ranges.NON_NEGATIVE,
     'prior_source': ranges.one_of('samples', 'data'), 'ema.halflife_img': ranges.NON_NEGATIVE,
 }
-TASK = Task('trigger', trigger_config, check, setup, ranges=RANGES)
+TASK = Task('trigger', trigger_config, check, setup, ranges=RANGES, kind='trigger fine-tuning',
+            use='sample its fine-tuned model with python sample.py --workdir {dir}',
+            configs='configs/watermark/trigger_digits.py')

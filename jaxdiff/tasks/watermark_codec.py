@@ -263,4 +263,6 @@ RANGES: dict[str, ranges.Rule] = {
     'model.encoder_widths': ranges.integers(1), 'model.decoder_widths': ranges.integers(1),
     'model.decoder_strides': ranges.integers(1), 'model.decoder_hidden': ranges.COUNT,
 }
-TASK = Task('watermark_codec', codec_config, check, setup, ranges=RANGES)
+TASK = Task('watermark_codec', codec_config, check, setup, ranges=RANGES, kind='watermark codec',
+            use='watermark a dataset with it: python watermark.py embed --codec {dir} --out DIR',
+            configs='configs/watermark/*.py')
