@@ -58,6 +58,19 @@ def test_per_seed_samples_ignore_batch_size(run_dir, tmp_path):
     assert manifest['labels']['mode'] == 'random' and manifest['solver']['num_steps'] == 3
 
 
+def test_autoguidance_by_the_model_itself_changes_no_sample(run_dir, tmp_path):
+    """sample.py's autoguidance:guide=RUN loads the guide run; guided by itself the model is unchanged (D_g + w (D - D_g)
+    with D_g = D), with the interval too; the manifest records the spec."""
+    model = load_model(run_dir)
+    common = dict(first=0, end=6, batch_size=6, shard_size=6, solver_options={'num_steps': 3}, log=lambda _: None)
+    run.sample(model, str(tmp_path / 'plain'), **common)
+    run.sample(model, str(tmp_path / 'auto'), transforms=[f'autoguidance:guide="{run_dir}",weight=2.5,step=7,'
+                                                          'interval=0.5:20'], **common)
+    assert shard_bytes(tmp_path / 'plain') == shard_bytes(tmp_path / 'auto')
+    assert json.load(open(tmp_path / 'auto' / 'manifest.json'))['transforms'] == [
+        dict(name='autoguidance', guide=run_dir, weight=2.5, step=7, interval='0.5:20')]
+
+
 def test_labels_modes_follow_seeds():
     seeds = jax.numpy.arange(20, 40)
     balanced = jax.vmap(lambda s: gen.seed_label(s, gen.make_labels(10, class_balanced=True)))(seeds)

@@ -10,6 +10,7 @@ from jaxdiff import schedules
 from jaxdiff import transforms as T
 from jaxdiff.sampling import options
 from jaxdiff.solvers import ddim_sampler
+from jaxdiff.solvers.plan import EvaluationPlan
 from jaxdiff.transforms import registry
 from jaxdiff.transforms.attribute_switching import attribute_switch
 
@@ -32,9 +33,16 @@ def denoiser(x, sigma, cond=None):  # shrinks to a class-dependent mean
     return x / (1 + jnp.reshape(sigma, (-1, 1, 1, 1)) ** 2) + shift
 
 
-def context(grid, ddim_eta=0.0):
-    return registry.Context(LABELS, 0.002, 80.0, grid=lambda: grid, ddim_eta=ddim_eta,
-                            load_classifier=lambda run: logits, load_images=lambda path: REFS)
+def worse(x, sigma, cond=None):  # a guide: shrinks less, ignores the class
+    return x / (1 + 0.7 * jnp.reshape(sigma, (-1, 1, 1, 1)) ** 2)
+
+
+def context(grid, ddim_eta=0.0, guide=worse):
+    levels = np.asarray(grid[:-1], np.float64)  # a plan of one evaluation per step
+    plan = EvaluationPlan(levels, np.arange(len(levels), dtype=np.int32), levels)
+    return registry.Context(LABELS, 0.002, 80.0, plan=lambda: plan, ddim_eta=ddim_eta,
+                            load_classifier=lambda run: logits, load_images=lambda path: REFS,
+                            load_guide=lambda run, step: guide)
 
 
 def by_hand(grid):
@@ -58,6 +66,8 @@ def by_hand(grid):
                           T.practical_safe_denoiser(REFS, 0.5, 2.0, threshold, grid=grid, window_steps=4,
                                                     ddim_eta=0.0, key=jax.random.key(5))),
         'attribute_switch': ('from=2,to=8,tau=1.5', attribute_switch(one_hot(2), one_hot(8), 1.5)),
+        'autoguidance': ('guide="g",weight=2.5,interval=0.5:5',
+                         T.autoguidance(worse, 2.5, interval=T.GuidanceInterval(0.5, 5.0, np.asarray(grid[:-1])))),
     }
 
 

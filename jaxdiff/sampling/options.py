@@ -19,18 +19,17 @@ import functools
 import inspect
 import math
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import config_ranges as ranges
 from jaxdiff.cli import UsageError
 from jaxdiff import solvers, transforms
 from jaxdiff.data.sources import load_npz
-from jaxdiff.sampling.model import noisy_classifier_logits
+from jaxdiff.sampling.model import load_model, noisy_classifier_logits
 from jaxdiff.solvers import ablation
+from jaxdiff.solvers.plan import evaluation_plan
 from jaxdiff.transforms import registry
 
 SOLVERS: dict[str, Callable] = {
@@ -190,17 +189,20 @@ def check_flags(solver: str, options: Mapping[str, Any], specs: Sequence[str]) -
 
 
 def make_transform(specs: Sequence[str], label_dim: int, solver: str, resolved: Mapping[str, Any],
-                   sigma_range: tuple[float, float]) -> tuple[transforms.Transform | None, list[dict]]:
+                   sigma_range: tuple[float, float], image_shape: Optional[tuple[int, ...]] = None
+                   ) -> tuple[transforms.Transform | None, list[dict]]:
     """(the chained transform or None, [{'name', **kwargs}] for the manifest) from transform specs.
 
     Names and arguments: :data:`jaxdiff.transforms.registry.REGISTRY`. solver, resolved: the solver and its full
-    options (:func:`resolve_solver`), whose grid and DDIM eta the transforms that follow the trajectory use;
-    sigma_range: the model's. Raises :class:`jaxdiff.cli.UsageError` naming the spec for an unknown name or
-    argument, or one the model cannot take.
+    options (:func:`resolve_solver`), whose evaluation plan and DDIM eta the transforms that follow the trajectory
+    use; sigma_range: the model's; image_shape: the model's (H, W, C), which a guide model must share. Raises
+    :class:`jaxdiff.cli.UsageError` naming the spec for an unknown name or argument, or one the model cannot take.
     """
-    ctx = registry.Context(label_dim, *grid_ends(resolved, sigma_range), grid=functools.cache(
-        lambda: solver_grid(make_solver(solver, resolved))), ddim_eta=DDIM_ETA.get(solver, lambda o: 0.0)(resolved),
-        load_classifier=noisy_classifier_logits, load_images=reference_images)
+    plan = functools.cache(lambda: evaluation_plan(make_solver(solver, resolved)))
+    ctx = registry.Context(label_dim, *grid_ends(resolved, sigma_range), plan=plan,
+                           ddim_eta=DDIM_ETA.get(solver, lambda o: 0.0)(resolved),
+                           load_classifier=noisy_classifier_logits, load_images=reference_images,
+                           load_guide=functools.partial(guide_denoiser, label_dim=label_dim, image_shape=image_shape))
     built, described = [], []
     for spec in specs:
         name, kwargs = parse_transform(spec)
@@ -214,6 +216,23 @@ def make_transform(specs: Sequence[str], label_dim: int, solver: str, resolved: 
     return transforms.chain(*built), described
 
 
+def guide_denoiser(path: str, step: Optional[int], *, label_dim: int,
+                   image_shape: Optional[tuple[int, ...]] = None) -> Callable:
+    """The denoiser D(x, sigma, cond) of a guide model (a train.py run or converted checkpoint; its EMA weights at
+    ``step``, None = the newest), for a main model with ``label_dim`` classes making ``image_shape`` images. An
+    unconditional guide is given no labels; a conditional one must have the main model's classes."""
+    guide = load_model(path, step=None if step is None else int(step))
+    shape = (guide.resolution, guide.resolution, guide.channels)
+    if image_shape is not None and tuple(image_shape) != shape:
+        raise ValueError(f'guide {path} makes {"x".join(map(str, shape))} images, the model '
+                         f'{"x".join(map(str, image_shape))}: a guide is a worse model of the same data')
+    if guide.label_dim and guide.label_dim != label_dim:
+        raise ValueError(f'guide {path} has {guide.label_dim} classes, the model {label_dim}: give a guide trained '
+                         'with the same labels, or an unconditional one')
+    denoiser = guide.denoiser(guide.variables)
+    return denoiser if guide.label_dim else (lambda x, sigma, cond=None: denoiser(x, sigma, None))
+
+
 # The DDIM eta each solver's step has (DDPM is DDIM at eta 1; Euler and Heun's predictor at eta 0): the exact seed
 # update of unguidance and the practical safe denoiser assume it.
 DDIM_ETA: dict[str, Callable[[Mapping[str, Any]], float]] = {'ddim': lambda o: float(o['eta']),
@@ -221,17 +240,8 @@ DDIM_ETA: dict[str, Callable[[Mapping[str, Any]], float]] = {'ddim': lambda o: f
 
 
 def solver_grid(sampler: Callable) -> np.ndarray:
-    """The sigma grid (N+1,) a sampler (:func:`make_solver`'s) evaluates, decreasing, ending in 0: every distinct
-    sigma a stand-in denoiser is called with in one run on a 1-sample latent, then 0."""
-    seen = []
-
-    def stand_in(x, sigma, cond=None):
-        jax.debug.callback(lambda s: seen.extend(np.ravel(np.asarray(s)).tolist()), sigma)
-        return jnp.zeros_like(x)
-
-    jax.block_until_ready(sampler(stand_in, jnp.zeros((1, 1)), jax.random.key(0)[None], None))
-    levels = np.unique(np.asarray([s for s in seen if s > 0], np.float64))[::-1]
-    return np.concatenate([levels, [0.0]])
+    """The sigma grid (N+1,) a sampler (:func:`make_solver`'s) evaluates, decreasing, ending in 0."""
+    return evaluation_plan(sampler).grid()
 
 
 def reference_images(path: str) -> np.ndarray:

@@ -48,8 +48,9 @@ def sample(model: Model, out_dir: str, *, first: int, end: int, batch_size: int 
     if shard_size <= 0:
         raise UsageError(f'--shard_size {shard_size} must be positive')
     resolved = options.resolve_solver(solver, solver_options or {}, model.sigma_range)
-    transform, described = options.make_transform(transforms, model.label_dim, solver, resolved, model.sigma_range)
     image_shape = (model.resolution, model.resolution, model.channels)
+    transform, described = options.make_transform(transforms, model.label_dim, solver, resolved, model.sigma_range,
+                                                  image_shape)
     plan = shards.Plan(first, end, shard_size)
     record = shards.plan_record(plan, image_shape=list(image_shape), labels=labels.describe(),
                                 model=model.description, solver=dict(name=solver, **_jsonable(resolved)),

@@ -90,11 +90,23 @@ def denoise(sd: StatefulDenoiser, x: jax.Array, sigma, cond, state) -> tuple[jax
     return x0.astype(x.dtype), state
 
 
+# Listeners told the index of every step as it starts: set only while jaxdiff.solvers.plan records which step
+# each denoiser evaluation belongs to (checked at trace time, so an ordinary sampler traces no callback).
+STEP_LISTENERS: list[Callable[[Any], None]] = []
+
+
 def scan_steps(step: Callable, carry, xs: dict[str, jax.Array]):
-    """Run ``carry = step(carry, xs_i)`` over the leading axis of xs with one ``lax.scan``; adds ``i``."""
+    """Run ``carry = step(carry, xs_i)`` over the leading axis of xs with one ``lax.scan``; adds ``i``.
+    The one definition of a solver step: :func:`jaxdiff.solvers.plan.evaluation_plan` reads steps from here."""
     n = next(iter(xs.values())).shape[0]
     xs = dict(xs, i=jnp.arange(n, dtype=jnp.int32))
-    carry, _ = jax.lax.scan(lambda c, s: (step(c, s), None), carry, xs)
+
+    def body(c, s):
+        for listener in STEP_LISTENERS:
+            jax.debug.callback(listener, s['i'], ordered=True)
+        return step(c, s), None
+
+    carry, _ = jax.lax.scan(body, carry, xs)
     return carry
 
 

@@ -4,6 +4,8 @@
 - :mod:`~jaxdiff.transforms.trajectory`  where a call is on the trajectory, from sigma alone: ``progress``,
   ``next_level`` of a grid, ``shift_x0`` (make a DDIM-family step land elsewhere);
 - :mod:`~jaxdiff.transforms.cfg`         classifier-free guidance, negative conditions, weight schedules;
+- :mod:`~jaxdiff.transforms.autoguidance` guidance by a worse model; :mod:`~jaxdiff.transforms.guided` what it and
+  CFG share: the guidance interval and one call on stacked conditions;
 - :mod:`~jaxdiff.transforms.classifier`  classifier guidance (Bayes' rule on the noisy marginals);
 - safety: :mod:`~jaxdiff.transforms.densities` (harm densities), :mod:`~jaxdiff.transforms.unguidance` (and
   negative classifier guidance), :mod:`~jaxdiff.transforms.safe_guidance`, :mod:`~jaxdiff.transforms.safe_denoiser`
@@ -13,10 +15,12 @@
 
 Each runs unchanged with every solver and composes through ``chain``.
 """
+from jaxdiff.transforms.autoguidance import autoguidance
 from jaxdiff.transforms.base import Call, Transform, chain, stateful, stateless
 from jaxdiff.transforms.cfg import WEIGHT_SCHEDULES, cfg, guidance_weight
 from jaxdiff.transforms.classifier import class_log_prob, classifier_guidance
 from jaxdiff.transforms.densities import classifier_density, concept_density, concept_scores, mixture_density
+from jaxdiff.transforms.guided import GuidanceInterval
 from jaxdiff.transforms.safe_denoiser import (REFERENCE_SETTINGS, PracticalSettings, calibrate_threshold,
                                               exact_safe_denoiser, paper_safe_denoiser, practical_safe_denoiser,
                                               sub_mixture)
@@ -26,10 +30,10 @@ from jaxdiff.transforms.trajectory import next_level, progress, shift_x0
 from jaxdiff.transforms.unguidance import negative_classifier_guidance, unguidance
 
 __all__ = [
-    "Call", "PRESETS", "PracticalSettings", "REFERENCE_SETTINGS", "SLDConfig", "SLDState", "Transform",
-    "WEIGHT_SCHEDULES", "calibrate_threshold", "cfg", "chain", "class_log_prob", "classifier_density",
-    "classifier_guidance", "concept_density", "concept_scores", "exact_safe_denoiser", "guidance_weight",
-    "mixture_density", "negative_classifier_guidance", "next_level", "paper_safe_denoiser", "practical_safe_denoiser",
-    "progress", "safe_classifier_guidance", "safe_log_prob", "shift_x0", "sld", "stateful", "stateless",
-    "sub_mixture", "unguidance",
+    "Call", "GuidanceInterval", "PRESETS", "PracticalSettings", "REFERENCE_SETTINGS", "SLDConfig", "SLDState",
+    "Transform", "WEIGHT_SCHEDULES", "autoguidance", "calibrate_threshold", "cfg", "chain", "class_log_prob",
+    "classifier_density", "classifier_guidance", "concept_density", "concept_scores", "exact_safe_denoiser",
+    "guidance_weight", "mixture_density", "negative_classifier_guidance", "next_level", "paper_safe_denoiser",
+    "practical_safe_denoiser", "progress", "safe_classifier_guidance", "safe_log_prob", "shift_x0", "sld", "stateful",
+    "stateless", "sub_mixture", "unguidance",
 ]

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import jax
 
-from jaxdiff.denoiser import AnyDenoiser, StatefulDenoiser, sigma_grid, with_sigma_grid
+from jaxdiff.denoiser import AnyDenoiser, Denoiser, StatefulDenoiser, sigma_grid, with_sigma_grid
 
 Transform = Callable[[AnyDenoiser], AnyDenoiser]
 Call = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -28,6 +28,19 @@ def chain(*transforms: Transform) -> Transform:
     return apply
 
 
+def transformed(denoiser: Denoiser) -> Denoiser:
+    """``denoiser`` marked as a transform's output (:func:`is_transformed`)."""
+    denoiser.jaxdiff_transformed = True
+    return denoiser
+
+
+def is_transformed(denoiser: AnyDenoiser) -> bool:
+    """Whether a denoiser came out of a transform rather than being a model. Its batch rows may carry meaning (a
+    condition it replaces while keeping None unconditional, per-sample arrays it closes over), so guidance does not
+    stack several conditions into one call through it; a model treats zero labels as None, row by row."""
+    return isinstance(denoiser, StatefulDenoiser) or getattr(denoiser, 'jaxdiff_transformed', False)
+
+
 def stateless(combine: Callable[[Call, jax.Array, jax.Array, Any], jax.Array]) -> Transform:
     """Build a transform from ``combine(call, x, sigma, cond) -> x0_hat``, where ``call(x, sigma, cond)``
     evaluates the inner denoiser (as often as the method needs). Inner state, if any, is threaded
@@ -36,10 +49,11 @@ def stateless(combine: Callable[[Call, jax.Array, jax.Array, Any], jax.Array]) -
     def transform(inner: AnyDenoiser) -> AnyDenoiser:
         if not isinstance(inner, StatefulDenoiser):
             # A discrete-level denoiser's grid stays declared, so the EDM samplers still round onto it.
-            return with_sigma_grid(lambda x, sigma, cond=None: combine(inner, x, sigma, cond), sigma_grid(inner))
+            return transformed(with_sigma_grid(lambda x, sigma, cond=None: combine(inner, x, sigma, cond),
+                                               sigma_grid(inner)))
 
         def apply(x, sigma, cond, state):
-            call, final = _threaded(inner, state)
+            call, final = threaded(inner, state)
             return combine(call, x, sigma, cond), final()
 
         return StatefulDenoiser(inner.init, apply)
@@ -68,7 +82,7 @@ def stateful(init: Callable[[jax.Array], Any],
             if inner_sd is None:
                 out, own = update(inner, x, sigma, cond, own)
                 return out, (own, inner_state)
-            call, final = _threaded(inner_sd, inner_state)
+            call, final = threaded(inner_sd, inner_state)
             out, own = update(call, x, sigma, cond, own)
             return out, (own, final())
 
@@ -77,7 +91,7 @@ def stateful(init: Callable[[jax.Array], Any],
     return transform
 
 
-def _threaded(inner: StatefulDenoiser, state):
+def threaded(inner: StatefulDenoiser, state):
     """A plain call for a stateful denoiser that threads its state through successive calls (during
     tracing, in program order) and a getter for the final state."""
     box = [state]

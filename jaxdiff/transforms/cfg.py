@@ -10,13 +10,14 @@ so ``w = 1`` is the conditional model, ``w = 0`` the unconditional one. Papers t
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jaxdiff.denoiser import expand_sigma
-from jaxdiff.transforms.base import Transform, stateless
+from jaxdiff.transforms.base import Transform
+from jaxdiff.transforms.guided import GuidanceInterval, evaluate_conditions, guided_transform
 from jaxdiff.transforms.trajectory import progress
 
 
@@ -84,7 +85,7 @@ def guidance_weight(weight: float, sigma, schedule: str = "constant", *, sigma_m
 
 def cfg(weight: float, *, uncond=None, schedule: str = "constant", negative=None, negative_weight: float = 0.0,
         negative_mode: str = "subtract", sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
-        **schedule_kwargs) -> Transform:
+        interval: Optional[GuidanceInterval] = None, batched: bool = True, **schedule_kwargs) -> Transform:
     """Classifier-free guidance D_u + w(sigma) (D_c - D_u), optionally with a negative condition.
 
     weight: nominal guidance weight w (1 = conditional model; see the module docstring's convention).
@@ -95,6 +96,10 @@ def cfg(weight: float, *, uncond=None, schedule: str = "constant", negative=None
         cond's batch, so one negative class serves every sample). With negative_mode='subtract':
         D = D_u + w (D_c - D_u) - w_n (D_neg - D_u); with 'replace': D_neg takes D_u's place,
         D = D_neg + w (D_c - D_neg). w_n = negative_weight (scheduled like w).
+    interval: guide only inside a :class:`jaxdiff.transforms.guided.GuidanceInterval` (the conditional model alone,
+        one evaluation, outside it).
+    batched: the conditional, unconditional and negative evaluations as one call on the stacked batch (see
+        :mod:`jaxdiff.transforms.guided`); False: one call each. Both give the same output to float tolerance.
     Shapes: x (B, ...), sigma () or (B,), cond the inner denoiser's.
     """
     if negative_mode not in ("subtract", "replace"):
@@ -102,19 +107,18 @@ def cfg(weight: float, *, uncond=None, schedule: str = "constant", negative=None
     sched = dict(schedule=schedule, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, **schedule_kwargs)
     guidance_weight(weight, 1.0, **sched)  # fail fast on a bad schedule name or argument
 
-    def combine(call, x, sigma, cond):
+    def guided(call, x, sigma, cond, stack):
         w = expand_sigma(guidance_weight(weight, sigma, **sched), x)
-        d_c = call(x, sigma, cond)
         neg = None if negative is None else jax.tree.map(
             lambda n, c: jnp.broadcast_to(n, c.shape) if jnp.shape(n)[:1] == (1,) else n, negative, cond)
         if neg is not None and negative_mode == "replace":
-            d_n = call(x, sigma, neg)
-            return d_n + w * (d_c - d_n)
-        d_u = call(x, sigma, uncond)
-        out = d_u + w * (d_c - d_u)
-        if neg is not None:
-            w_n = expand_sigma(guidance_weight(negative_weight, sigma, **sched), x)
-            out = out - w_n * (call(x, sigma, neg) - d_u)
-        return out
+            d_c, d_n = evaluate_conditions(call, x, sigma, [cond, neg], stack)
+            return d_n + w * (d_c - d_n), d_c
+        if neg is None:
+            d_c, d_u = evaluate_conditions(call, x, sigma, [cond, uncond], stack)
+            return d_u + w * (d_c - d_u), d_c
+        d_c, d_u, d_n = evaluate_conditions(call, x, sigma, [cond, uncond, neg], stack)
+        w_n = expand_sigma(guidance_weight(negative_weight, sigma, **sched), x)
+        return d_u + w * (d_c - d_u) - w_n * (d_n - d_u), d_c
 
-    return stateless(combine)
+    return guided_transform(guided, interval, batched)

@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.transforms.attribute_switching import attribute_switch
+from jaxdiff.transforms.autoguidance import autoguidance
 from jaxdiff.transforms.base import Transform
 from jaxdiff.transforms.cfg import cfg
 from jaxdiff.transforms.classifier import LogitsFn, class_log_prob, classifier_guidance
 from jaxdiff.transforms.densities import classifier_density
+from jaxdiff.transforms.guided import GuidanceInterval, parse_interval
 from jaxdiff.transforms.safe_denoiser import calibrate_threshold, practical_safe_denoiser
 from jaxdiff.transforms.safe_guidance import safe_classifier_guidance
 from jaxdiff.transforms.sld import SLDConfig, sld
@@ -35,10 +37,12 @@ class Context(NamedTuple):
     label_dim: int                              # the model's classes (0: unconditional)
     sigma_min: float                            # the solver's grid ends: weight schedules measure progress on them
     sigma_max: float
-    grid: Callable[[], np.ndarray]              # () -> the solver's sigma grid (N+1,), decreasing, ending in 0
+    plan: Callable[[], Any]                     # () -> the solver's jaxdiff.solvers.plan.EvaluationPlan (its
+                                                #   .grid(): the sigma grid (N+1,), decreasing, ending in 0)
     ddim_eta: float                             # the solver's DDIM eta (ddpm 1, ddim its eta, Euler / Heun 0)
     load_classifier: Callable[[str], LogitsFn]  # run dir -> logits_fn(x, sigma) (B, K), with .num_classes
     load_images: Callable[[str], np.ndarray]    # .npz path -> (M, H, W, C) float images in [-1, 1]
+    load_guide: Callable[[str, Any], Callable]  # (run dir, step or None) -> the guide's denoiser D(x, sigma, cond)
 
 
 class Entry(NamedTuple):
@@ -84,6 +88,12 @@ def _clean_density(ctx: Context, run: str, unsafe: Classes) -> Callable:
     return classifier_density(lambda x0: logits(x0, ctx.sigma_min), _classes(unsafe, 'unsafe', logits.num_classes))
 
 
+def _interval(kw: dict, ctx: Context) -> Optional[GuidanceInterval]:
+    """interval=LO:HI -> the interval decided per solver step (the reference code's form), or None."""
+    text = kw.pop('interval', None)
+    return None if text is None else GuidanceInterval(*parse_interval(text), ctx.plan().step_sigmas)
+
+
 def _cfg(kw: dict, ctx: Context) -> Transform:
     if not ctx.label_dim:
         raise ValueError('cfg needs a class-conditional model; this one is unconditional')
@@ -92,7 +102,16 @@ def _cfg(kw: dict, ctx: Context) -> Transform:
     kw = dict(kw)
     negative = kw.pop('negative', None)
     negative = None if negative is None else _one_hot(negative, 'cfg negative', ctx)
-    return cfg(float(kw.pop('weight')), negative=negative, sigma_min=ctx.sigma_min, sigma_max=ctx.sigma_max, **kw)
+    return cfg(float(kw.pop('weight')), negative=negative, sigma_min=ctx.sigma_min, sigma_max=ctx.sigma_max,
+               interval=_interval(kw, ctx), **kw)
+
+
+def _autoguidance(kw: dict, ctx: Context) -> Transform:
+    kw = dict(kw)
+    if 'guide' not in kw or 'weight' not in kw:
+        raise ValueError('autoguidance needs guide=RUN_DIR (the guide model) and weight=W (1 = the main model)')
+    guide = ctx.load_guide(str(kw.pop('guide')), kw.pop('step', None))
+    return autoguidance(guide, float(kw.pop('weight')), interval=_interval(kw, ctx), **kw)
 
 
 def _classifier_guidance(kw: dict, ctx: Context) -> Transform:
@@ -116,7 +135,7 @@ def _unguidance(kw: dict, ctx: Context) -> Transform:
     harm = _clean_density(ctx, kw.pop('run', None), kw.pop('unsafe', None))
     if kw.pop('seed_update', False):
         kw.setdefault('ddim_eta', ctx.ddim_eta)
-        kw['grid'] = ctx.grid()
+        kw['grid'] = ctx.plan().grid()
     return unguidance(harm, sigma_min=ctx.sigma_min, sigma_max=ctx.sigma_max, **kw)
 
 
@@ -129,7 +148,7 @@ def _negative_classifier(kw: dict, ctx: Context) -> Transform:
 def _sld(kw: dict, ctx: Context) -> Transform:
     kw = dict(kw)
     concept = _one_hot(kw.pop('concept', None), 'sld concept', ctx)
-    return sld(concept, sigmas=ctx.grid(), **kw)
+    return sld(concept, sigmas=ctx.plan().grid(), **kw)
 
 
 def _safe_denoiser(kw: dict, ctx: Context) -> Transform:
@@ -140,7 +159,7 @@ def _safe_denoiser(kw: dict, ctx: Context) -> Transform:
     refs = ctx.load_images(refs)
     margin, seed = kw.pop('margin', None), kw.pop('seed', 0)
     bandwidth = float(kw.pop('bandwidth', 3.15))
-    grid = ctx.grid()
+    grid = ctx.plan().grid()
     threshold = float('-inf') if margin is None else calibrate_threshold(
         refs, bandwidth, float(grid[grid > 0][-1]), jax.random.key(seed + 1), margin=float(margin))
     kw.setdefault('ddim_eta', ctx.ddim_eta)
@@ -158,7 +177,9 @@ def _attribute_switch(kw: dict, ctx: Context) -> Transform:
 
 REGISTRY: dict[str, Entry] = {
     'cfg': Entry(_cfg, 'classifier-free guidance: weight=W [schedule=NAME c= a= negative=CLASS negative_weight= '
-                       'negative_mode=subtract|replace]'),
+                       'negative_mode=subtract|replace interval=LO:HI batched=True]'),
+    'autoguidance': Entry(_autoguidance, 'autoguidance by a worse model: guide=RUN_DIR weight=W [step=K (the guide\'s '
+                                         'checkpoint) interval=LO:HI]'),
     'classifier': Entry(_classifier_guidance, 'classifier guidance toward the model\'s label: run=DIR (noisy '
                                               'classifier) [scale=1]'),
     'safe_classifier': Entry(_safe_classifier, 'safe classifier guidance (Bayes\' rule on P(safe | x_t)): run=DIR '
