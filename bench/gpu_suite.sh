@@ -5,7 +5,8 @@
 #
 # Rows: the sharded train step of CONFIG (default configs/diffusion/cifar10_ddpmpp_cond.py) in bfloat16 and float32 at
 # batch 128 and 512 (bench/train_throughput.py), then sampling throughput with EDM's Heun sampler, 18 steps
-# (35 network evaluations per image), unguided and with classifier-free guidance w=2 (bench/sample_throughput.py).
+# (35 network evaluations per image), unguided and with classifier-free guidance w=2, batched (one call on the doubled
+# batch) and in two calls (bench/sample_throughput.py).
 # A failing row is reported and skipped. Each row runs in its own process, so memory starts empty; the rows share
 # one persistent compilation cache, fresh per suite run (JAX_COMPILATION_CACHE_DIR), so a program two rows compile
 # alike (the params' init at one dtype) is compiled once, while every timed program is still compiled in its row.
@@ -41,7 +42,7 @@ for dtype in $TRAIN_DTYPES; do
     row train $PY bench/train_throughput.py --config "$CONFIG" --batch "$batch" --dtype "$dtype" --steps "$STEPS"
   done
 done
-for guidance in none 2; do
+for guidance in none 2 "cfg:weight=2,batched=False"; do
   flag=(); [ "$guidance" = none ] || flag=(--guidance "$guidance")
   echo "sampling: $CONFIG edm 18 steps, batch $SAMPLE_BATCH, guidance $guidance" >&2
   row sample $PY bench/sample_throughput.py --config "$CONFIG" --solver edm --num_steps 18 --batch "$SAMPLE_BATCH" \

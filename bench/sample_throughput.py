@@ -1,12 +1,15 @@
 """Sampling throughput of a net config, solver and step count on the available devices.
 
     python bench/sample_throughput.py --config configs/diffusion/cifar10_ddpmpp_cond.py [--solver edm] [--num_steps 18]
-                                      [--batch 256] [--batches 5] [--dtype bfloat16] [--guidance 2]
+                                      [--batch 256] [--batches 5] [--dtype bfloat16] [--guidance SPEC]
 
 Times the function sample.py runs (jaxdiff.sampling.generate: per-seed latents and keys, the solver's scan,
 uint8 conversion) on random-init params of the config's net, its batch sharded over this process's devices.
-Reports compile time, seconds per batch, img/s, network evaluations per image (NFE, doubled by CFG) and
-network evaluations per second, then one JSON line (``setup_s``: the seconds before the generator's compile,
+--guidance takes sample.py's spec (``2`` = ``cfg:weight=2``; ``cfg:weight=2,batched=False`` evaluates the
+conditional and unconditional rows in two calls instead of one on the doubled batch, to measure what batching
+gains; ``cfg:weight=2,interval=0.28:2.9`` skips the unconditional rows outside the interval).
+Reports compile time, seconds per batch, img/s, network evaluations per image (NFE: rows the network sees per
+image, doubled by CFG) and network evaluations per second, then one JSON line (``setup_s``: the seconds before the generator's compile,
 spent on the params' init and the NFE count). The images are noise (the params are random); the cost is a
 trained model's.
 """
@@ -32,16 +35,17 @@ from train_throughput import dataset_info
 
 def count_net_evals(solver, transform, labels, image_shape) -> int:
     """Network evaluations per sample: the solver (and transforms) run once on a 1-sample stand-in network that
-    reports every call to the host (a trace would count a scanned step once)."""
+    reports the rows of every call to the host (a trace would count a scanned step once; a stacked CFG call on
+    2 rows counts 2)."""
     calls = []
 
     def stand_in(x, sigma, cond=None):
-        jax.debug.callback(lambda: calls.append(1))
+        jax.debug.callback(lambda: calls.append(x.shape[0]))
         return jnp.zeros_like(x)
 
     denoiser = stand_in if transform is None else transform(stand_in)
     jax.block_until_ready(gen.generate(lambda _: denoiser, solver, labels, image_shape, {}, jnp.zeros(1, jnp.int32)))
-    return len(calls)
+    return sum(calls)
 
 
 def main() -> None:
@@ -52,7 +56,7 @@ def main() -> None:
     ap.add_argument('--batch', type=int, default=256, help='batch over all local devices')
     ap.add_argument('--batches', type=int, default=5, help='timed batches after the warm-up batch')
     ap.add_argument('--dtype', choices=('float32', 'bfloat16'), default=None, help='compute dtype override')
-    ap.add_argument('--guidance', type=float, default=None, help='CFG weight (doubles the network evaluations)')
+    ap.add_argument('--guidance', default=None, help='a sample.py --guidance spec, e.g. 2 (CFG weight 2)')
     args = ap.parse_args()
 
     begin = time.perf_counter()
@@ -66,7 +70,7 @@ def main() -> None:
                                               make_mesh(config.parallel.fsdp)).params}
     settings = {'num_steps': args.num_steps} if 'num_steps' in options.solver_defaults(args.solver) else {}
     resolved = options.resolve_solver(args.solver, settings, sigma_range(config))
-    transform, _ = options.make_transform([str(args.guidance)] if args.guidance is not None else [],
+    transform, _ = options.make_transform([args.guidance] if args.guidance is not None else [],
                                           net.label_dim, args.solver, resolved, sigma_range(config))
     base = lambda v: denoiser_fn(config, net, v)  # noqa: E731
     denoiser = base if transform is None else (lambda v: transform(base(v)))

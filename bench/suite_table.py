@@ -12,6 +12,15 @@ import json
 import sys
 
 
+def _number(text) -> bool:
+    """Whether a --guidance spec is a bare CFG weight (older rows store it as a float)."""
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def rows(lines: list[str]) -> list[str]:
     """Markdown rows (header included) for the JSON result lines ``lines`` of a suite run."""
     out = ['| bench | config | batch | dtype | steps / NFE | setup s | compile s | ms per step or batch | img/s | MFU '
@@ -28,7 +37,8 @@ def rows(lines: list[str]) -> list[str]:
             out.append(f'| train step | `{config}` | {r["batch"]} | {r["dtype"]} | - | {times} | '
                        f'{r["step_ms"]:.1f} | {r["img_per_s"]:,.0f} | {mfu} | {row_s} |')
         else:
-            guidance = f', CFG w={r["guidance"]:g}' if r.get('guidance') is not None else ''
+            spec = r.get('guidance')
+            guidance = '' if spec is None else f', CFG w={float(spec):g}' if _number(spec) else f', {spec}'
             out.append(f'| sample {r["solver"]}{guidance} | `{config}` | {r["batch"]} | {r["dtype"]} | '
                        f'{r["num_steps"]} / {r["net_evals"]} | {times} | {1e3 * r["batch_s"]:.0f} | '
                        f'{r["img_per_s"]:,.0f} | - | {row_s} |')
@@ -51,3 +61,4 @@ def main() -> None:
 
 if __name__ == '__main__':
     main()
+

@@ -41,14 +41,13 @@ Errors end with one ``eval.safety: error:`` line on stderr and exit code 1 (2 fo
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
-from jaxdiff.cli import argument_parser, fail, text_table
+from jaxdiff.cli import argument_parser, fail, save_result, text_table
 from jaxdiff.evaluation.safety import UNGUIDANCE_ETA, practical_grid
 from jaxdiff.evaluation.safety_digits import digits_plot, run_digits
 from jaxdiff.evaluation.safety_mixture import MIXTURES, mixture_plot, run_mixture
@@ -107,10 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                          methods, args.noisy_classifier, log, grid, args.seed, eta)
             result['plot'] = digits_plot(samples, os.path.join(args.out, f'safety_{name}.png'))
             columns = ('method', 'strength', 'solver', 'unsafe', 'fd', 'fd_ratio', 'meets_target', 'seconds')
-        result['json'] = os.path.join(args.out, f'safety_{name}.json')
-        line = json.dumps(result)
-        with open(result['json'], 'w') as f:
-            f.write(line + '\n')
+        line = save_result(result, os.path.join(args.out, f'safety_{name}.json'))
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         _fail(str(e), 1)
     log(text_table(result['rows'], columns))

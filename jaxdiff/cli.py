@@ -102,6 +102,17 @@ def quiet_checkpoint_echoes() -> None:
     sys.unraisablehook, sys.excepthook = on_unraisable, on_exception
 
 
+def save_result(result: dict, path: str) -> str:
+    """Record ``path`` as ``result['json']``, write ``result`` there as one JSON line, return that line (an eval CLI's
+    last stdout line)."""
+    import json
+    result['json'] = path
+    line = json.dumps(result)
+    with open(path, 'w') as f:
+        f.write(line + '\n')
+    return line
+
+
 def text_table(rows: Sequence[dict], columns: Sequence[str], decimals: int = 3) -> str:
     """Fixed-width text table of ``rows``' ``columns`` (floats to ``decimals`` places), header first."""
     cells = [[f'{r[c]:.{decimals}f}' if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
