@@ -49,7 +49,9 @@ class Progress:
     def line(self, now: Optional[float] = None) -> str:
         """The progress line at time ``now`` (perf_counter seconds)."""
         rate = self.rate(now)
-        eta = (self.total - self.done) / rate if rate > 0 else float('nan')
         pct = 100.0 * self.done / max(self.total, 1)
-        speed = f'{rate:.1f} {self.unit}/s' if math.isfinite(rate) else f'? {self.unit}/s'
-        return f'{self.what} {self.done:,}/{self.total:,} ({pct:.1f}%) | {speed} | ETA {format_eta(eta)}'
+        head = f'{self.what} {self.done:,}/{self.total:,} ({pct:.1f}%)'
+        if not math.isfinite(rate):  # one update so far: nothing to time yet
+            return head if self.done >= self.total else f'{head} | ? {self.unit}/s | ETA ?'
+        eta = (self.total - self.done) / rate if rate > 0 else float('nan')
+        return f'{head} | {rate:.1f} {self.unit}/s | ETA {format_eta(eta)}'

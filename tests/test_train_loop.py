@@ -205,3 +205,7 @@ def test_progress_lines_of_non_training_loops(monkeypatch):
     p.add(20)                      # t=112: the end, always logged
     assert lines == ['sampled 80/100 (80.0%) | 7.0 img/s | ETA 0:00:03',
                      'sampled 100/100 (100.0%) | 7.5 img/s | ETA 0:00:00']
+    one = progress.Progress('features:', 5, lines.append)
+    monkeypatch.setattr(progress.time, 'perf_counter', lambda: 7.0)
+    one.add(5)                     # all in one update: no rate to give
+    assert lines[-1] == 'features: 5/5 (100.0%)'

@@ -130,7 +130,7 @@ def sweep_plot(result: dict, path: str) -> str:
     for row in result['rows']:
         if row['method'] == 'none':
             ax.axhline(row['fd'], linestyle='--', color='gray' if row['detail'] else 'black', linewidth=1)
-    ax.set_xlabel('guidance weight w (1 = the main model alone; dashed: unguided, grey at 2x steps)')
+    ax.set_xlabel('guidance weight w (dashed: unguided; grey: at twice the steps)')
     ax.set_ylabel(f'FD ({result["features"]} features)')
     ax.legend(fontsize=7)
     fig.tight_layout()
