@@ -87,6 +87,7 @@ def guided_transform(guided: Guided, interval: Optional[GuidanceInterval] = None
     Outside the interval the inner denoiser is called once (the main model alone); when some samples of a batch are
     inside and some outside (per-sample sigmas that differ), the guided branch runs and each sample takes its own.
     A stateful inner denoiser is threaded through whichever branch runs and is never given stacked batches.
+    Shapes: x (B, ...), sigma () or (B,), cond the inner denoiser's; the output is (B, ...).
     """
 
     def transform(inner: AnyDenoiser) -> AnyDenoiser:
