@@ -14,7 +14,6 @@ import functools
 import os
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import numpy as np
 
 CFG_WEIGHTS = (1.5, 2.0, 3.0, 4.0)
 AUTOGUIDANCE_WEIGHTS = (1.5, 2.0, 2.5, 3.0)
@@ -64,14 +63,9 @@ def _edm_plan(num_steps: int, sigma_range: tuple[float, float]):
 
 def nfe_per_image(setting: GuidanceSetting, sigma_range: tuple[float, float] = (0.002, 80.0)) -> float:
     """Network evaluations per image of EDM Heun: the plan's evaluations, plus one more where guidance runs."""
+    from jaxdiff.transforms.guided import evaluations_per_image
     plan = _edm_plan(setting.num_steps, tuple(sigma_range))
-    if setting.method == 'none':
-        return float(len(plan.sigmas))
-    guided = np.ones(len(plan.sigmas), bool)
-    if setting.interval is not None:
-        lo, hi = setting.interval
-        guided = (plan.step_sigmas > lo) & (plan.step_sigmas <= hi)
-    return float(len(plan.sigmas) + guided.sum())
+    return evaluations_per_image(plan.step_sigmas, setting.method != 'none', setting.interval)
 
 
 def run_sweep(workdir: str, out: str, *, guide: Optional[str] = None, guide_steps: Sequence[int] = (),

@@ -33,6 +33,7 @@ import numpy as np
 from jaxdiff import toy, transforms
 from jaxdiff.metrics.sliced_wasserstein import sliced_wasserstein
 from jaxdiff.solvers import edm_sampler
+from jaxdiff.transforms.guided import evaluations_per_image
 
 GUIDE_STD_FACTOR = 3.0      # the guide's component stds over the data's
 BLURRED_MAIN_FACTOR = 1.5   # the imperfect main model's (main=blurred)
@@ -156,8 +157,6 @@ def run_toy(num_samples: int = 4000, num_steps: int = 32, seed: int = 0, log: Ca
     latents = jax.random.normal(jax.random.key(seed), (num_samples, 2))
     exact = class_draws(data.gm, labels, jax.random.key(seed + 1))
     plan = evaluation_plan(lambda d, z, k, c: edm_sampler(d, z, cond=c, num_steps=num_steps))
-    inside = np.mean((plan.step_sigmas > INTERVAL[0]) & (plan.step_sigmas <= INTERVAL[1]))
-    nfe = {'none': 1.0, 'cfg': 2.0, 'cfg+interval': 1.0 + inside, 'autoguidance': 2.0}
     rows, samples = [], {}
     for setting in settings(data, plan.step_sigmas):
         begin = time.perf_counter()
@@ -170,7 +169,8 @@ def run_toy(num_samples: int = 4000, num_steps: int = 32, seed: int = 0, log: Ca
                 t(toy.denoiser(gm._replace(**arrays))), z, cond=c, num_steps=num_steps))
             x = np.asarray(run(dict(means=gm.means, stds=gm.stds, weights=gm.weights), latents, cond))
         row = dict(main=setting.main, method=setting.method, weight=setting.weight,
-                   nfe=round(len(plan.sigmas) * nfe.get(setting.method, 0.0), 1),
+                   nfe=0.0 if setting.transform is None else evaluations_per_image(
+                       plan.step_sigmas, setting.method != 'none', INTERVAL if 'interval' in setting.method else None),
                    **toy_metrics(data, x, labels, exact, jax.random.key(seed + 9)),
                    seconds=round(time.perf_counter() - begin, 2))
         log(f'{title(row)}: outliers {row["outliers"]:.3f}, branches lost {row["branches_lost"]:.3f}, branch TV '

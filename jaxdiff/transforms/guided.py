@@ -54,6 +54,17 @@ class GuidanceInterval(NamedTuple):
         return (sigma > self.lo) & (sigma <= self.hi)
 
 
+def evaluations_per_image(step_sigmas: np.ndarray, guided: bool = True,
+                          interval: Optional[tuple[float, float]] = None) -> float:
+    """Network evaluations per image of a sampler run whose plan has ``step_sigmas`` (K,) (one per evaluation): K,
+    plus one for every evaluation where CFG or autoguidance runs (all of them, or those inside ``interval``)."""
+    steps = np.asarray(step_sigmas, np.float64)
+    if not guided:
+        return float(len(steps))
+    inside = np.ones(len(steps), bool) if interval is None else GuidanceInterval(*interval).inside(steps)
+    return float(len(steps) + inside.sum())
+
+
 def parse_interval(text: Any) -> tuple[float, float]:
     """'0.28:2.9' (or a (lo, hi) pair) -> (0.28, 2.9); ValueError unless 0 <= lo < hi."""
     try:
