@@ -1,7 +1,7 @@
 """jaxdiff's DDPM++ CIFAR-10 network against NVIDIA's EDM torch reference, on CPU, side by side.
 
     python bench/vs_reference.py --edm_repo PATH [--torch_python PY] [--batch 8] [--rounds 7] [--iters 10]
-                                 [--threads 2] [--cpus 0,1] [--check]
+                                 [--threads 2] [--cpus 0,1] [--check | --profile]
 
 Network: ``ddpmpp_cifar_cond`` of bench/net_step.py under EDM preconditioning; in the reference
 ``training.networks.EDMPrecond`` with the kwargs of EDM's train.py ``--arch=ddpmpp --cond=1``. float32. Measured:
@@ -23,6 +23,13 @@ so both workers run under ``taskset -c CPUS`` (default 0,1 where taskset exists)
 matter), jaxdiff loads them with ``jaxdiff.nets.convert.from_edm``, both run D on one input, and it prints the
 max relative error max|D_jax - D_torch| / max|D_torch|.
 
+``--profile`` runs ``--iters`` calls of each measurement under each side's profiler (jax.profiler's trace of the
+XLA thunks, mapped to the compiled HLO; torch.profiler's self CPU time per aten op) and prints milliseconds per
+call by kind of op: convolution (with GFLOP/s, counted from the compiled HLO's convolutions, which both sides
+compute), matmul, layout copies (transposes, copies) and other (normalisation, activations, elementwise,
+reductions, the optimiser). EDM's 2x resampling is a depthwise convolution in torch and strided slices in
+jaxdiff, so it lands in different rows (a few ms).
+
 Interop venv (torch stays out of jaxdiff's venv; the reference needs torch and numpy only)::
 
     python3 -m venv /tmp/interop
@@ -34,8 +41,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -109,10 +118,106 @@ def jax_worker(args):
         diff = np.abs(np.asarray(out).transpose(0, 3, 1, 2) - io['out'])
         return dict(max_abs_err=float(diff.max()), max_rel_err=float(diff.max() / np.abs(io['out']).max()))
 
+    def profile(measurement, n):
+        compiled = (forward.lower(variables, x, sigma, labels) if measurement == 'forward'
+                    else step.lower(*state, x, labels)).compile()
+        return xla_op_profile(compiled.as_text(), lambda: (run_forward if measurement == 'forward'
+                                                             else run_train)(n), n)
+
     count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(variables['params']))
     info = dict(params=count, jax=jax.__version__, backend=jax.default_backend(),
                 xla_flags=os.environ.get('XLA_FLAGS', ''))
-    return info, dict(forward=run_forward, train=run_train), check
+    return info, dict(forward=run_forward, train=run_train), check, profile
+
+
+KINDS = ('convolution', 'matmul', 'layout copies', 'other')
+_HLO_INSTR = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\w[\w-]*)\((.*)$')
+
+
+def hlo_kinds(hlo: str) -> tuple[dict[str, str], float]:
+    """Each instruction of a compiled HLO module -> its kind (KINDS), and the FLOPs of all its convolutions.
+
+    An instruction's kind is that of the first match over its own opcode and the opcodes of the computation it
+    calls (a fusion's body): convolution, dot (matmul), else only copies/transposes/reversals (layout copies:
+    flipped kernels, activations put in the layout a convolution wants), else other. Convolution FLOPs: 2 x output elements x window size x contracted input features per group.
+    """
+    bodies, shapes, current = {}, {}, None
+    for line in hlo.splitlines():
+        head = re.match(r'^(?:ENTRY )?%(\S+) \(.*\{$', line)
+        if head:
+            current = bodies.setdefault(head.group(1), [])
+            continue
+        m = _HLO_INSTR.match(line)
+        if m and current is not None:
+            name, shape, opcode, rest = m.groups()
+            shapes[name] = [int(d) for d in re.findall(r'\d+', shape.split('[', 1)[-1])] if '[' in shape else []
+            current.append((name, opcode, rest))
+    flops = 0.0
+    for instrs in bodies.values():
+        for name, opcode, rest in instrs:
+            if opcode != 'convolution':
+                continue
+            lhs = re.match(r'%(\S+?),', rest).group(1)
+            labels = re.search(r'dim_labels=(\w+)_', rest).group(1)
+            window = re.search(r'size=([\dx]+)', rest)
+            groups = re.search(r'feature_group_count=(\d+)', rest)
+            taps = math.prod(int(w) for w in window.group(1).split('x')) if window else 1
+            flops += (2 * math.prod(shapes[name]) * taps * shapes[lhs][labels.index('f')]
+                      / (int(groups.group(1)) if groups else 1))
+    kinds = {}
+    for instrs in bodies.values():
+        for name, opcode, rest in instrs:
+            called = re.search(r'calls=%([^,\s]+)', rest)
+            ops = {opcode} | ({op for _, op, _ in bodies.get(called.group(1), [])} if called else set())
+            ops -= {'parameter', 'constant', 'bitcast', 'fusion'}
+            kinds[name] = ('convolution' if 'convolution' in ops else 'matmul' if 'dot' in ops else
+                           'layout copies' if ops and ops <= {'copy', 'transpose', 'reverse'} else 'other')
+    return kinds, flops
+
+
+def xla_op_profile(hlo: str, run, calls: int) -> dict:
+    """Trace ``run()`` (``calls`` calls of the compiled module ``hlo``); wall ms per call by kind, conv GFLOP/s.
+
+    XLA's CPU runtime runs independent thunks concurrently, so their durations overlap and sum to more than the
+    wall time; each instant is shared equally among the thunks running then, which partitions the wall time.
+    """
+    import glob
+    import jax
+    kinds, flops = hlo_kinds(hlo)
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        run()
+        jax.profiler.stop_trace()
+        trace = jax.profiler.ProfileData.from_file(glob.glob(f'{folder}/**/*.xplane.pb', recursive=True)[0])
+    edges = []  # (time, +1 start / -1 end, kind); thunks are named after their HLO instruction
+    for plane in trace.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in kinds:
+                    edges += [(event.start_ns, 1, kinds[event.name]), (event.end_ns, -1, kinds[event.name])]
+    ms, active, last = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0), None
+    for t, change, kind in sorted(edges):
+        running = sum(active.values())
+        if running:
+            for k, n in active.items():
+                ms[k] += (t - last) * n / running / 1e6 / calls
+        active[kind] += change
+        last = t
+    return dict(ms=ms, conv_gflop=flops / 1e9)
+
+
+def torch_op_profile(run, calls: int) -> dict:
+    """Self CPU time of every aten op over ``run()`` (``calls`` calls), ms per call by kind."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    ms = dict.fromkeys(KINDS, 0.0)
+    for op in prof.key_averages():
+        name = op.key.split('::')[-1]
+        kind = ('convolution' if 'convolution' in name else 'matmul' if name in ('mm', 'bmm', 'addmm', 'baddbmm')
+                else 'layout copies' if name in ('copy_', 'clone', 'contiguous', '_to_copy') else 'other')
+        ms[kind] += op.self_cpu_time_total / 1e3 / calls
+    return dict(ms=ms)
 
 
 def torch_worker(args):
@@ -165,16 +270,20 @@ def torch_worker(args):
         np.savez(os.path.join(folder, 'io.npz'), **io, out=out.numpy())
         return {}
 
+    def profile(measurement, n):
+        return torch_op_profile(lambda: (run_forward if measurement == 'forward' else run_train)(n), n)
+
     info = dict(params=sum(p.numel() for p in net.parameters()), torch=torch.__version__,
                 num_threads=torch.get_num_threads(), num_interop_threads=torch.get_num_interop_threads())
-    return info, dict(forward=run_forward, train=run_train), check
+    return info, dict(forward=run_forward, train=run_train), check, profile
 
 
 def serve(args) -> None:
-    """Worker loop: one JSON reply line per command line ('info', 'warmup', 'forward N', 'train N', 'check DIR')."""
+    """Worker loop: one JSON reply per command line ('info', 'warmup', 'forward N', 'train N', 'check DIR',
+    'profile MEASUREMENT N')."""
     reply = os.fdopen(os.dup(1), 'w', buffering=1)
     os.dup2(2, 1)  # anything a library prints goes to stderr and cannot corrupt the protocol
-    info, run, check = (jax_worker if args.worker == 'jax' else torch_worker)(args)
+    info, run, check, profile = (jax_worker if args.worker == 'jax' else torch_worker)(args)
     info['cpus_visible'] = len(os.sched_getaffinity(0))
     for line in sys.stdin:
         cmd, *rest = line.split()
@@ -187,6 +296,8 @@ def serve(args) -> None:
             out = dict(seconds=time.perf_counter() - start)
         elif cmd == 'check':
             out = check(rest[0])
+        elif cmd == 'profile':
+            out = profile(rest[0], int(rest[1]))
         else:
             start = time.perf_counter()
             run[cmd](int(rest[0]))
@@ -264,6 +375,25 @@ def run_check(workers) -> dict:
         return workers[0].ask(f'check {folder}')
 
 
+def run_profile(workers, args) -> dict:
+    """Each measurement under each side's profiler, one side at a time; prints ms per call by kind of op."""
+    result = {}
+    for m in MEASUREMENTS:
+        jax_p, torch_p = (w.ask(f'profile {m} {args.iters}') for w in workers)
+        result[m] = dict(jax=jax_p, torch=torch_p)
+        print(f"\n{m}: ms per call by kind of op ({args.iters} profiled calls)")
+        print(f"{'':16s} {'jaxdiff':>9s} {'torch':>9s} {'difference':>11s}")
+        for kind in KINDS:
+            j, t = jax_p['ms'][kind], torch_p['ms'][kind]
+            print(f"{kind:16s} {j:9.1f} {t:9.1f} {j - t:+11.1f}")
+        j, t = sum(jax_p['ms'].values()), sum(torch_p['ms'].values())
+        print(f"{'sum':16s} {j:9.1f} {t:9.1f} {j - t:+11.1f}")
+        rate = [jax_p['conv_gflop'] / p['ms']['convolution'] * 1e3 for p in (jax_p, torch_p)]
+        print(f"{'conv GFLOP/s':16s} {rate[0]:9.1f} {rate[1]:9.1f}   ({jax_p['conv_gflop']:.1f} GFLOP per call)")
+        result[m]['conv_gflop_per_s'] = dict(jax=rate[0], torch=rate[1])
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--edm_repo', default=os.environ.get('JAXDIFF_EDM_REPO'),
@@ -277,6 +407,7 @@ def main() -> None:
     parser.add_argument('--cpus', default='0,1' if shutil.which('taskset') else '',
                         help="taskset CPU list for both workers ('' = no pinning)")
     parser.add_argument('--check', action='store_true', help='compare outputs on shared weights; no timing')
+    parser.add_argument('--profile', action='store_true', help='time per kind of op (convolution, ...) instead')
     parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -301,6 +432,10 @@ def main() -> None:
             result['check'] = run_check(workers)
             print(f"check: max relative error {result['check']['max_rel_err']:.3e} "
                   f"(max abs {result['check']['max_abs_err']:.3e})")
+        elif args.profile:
+            for w in workers:
+                w.ask('warmup')
+            result['profile'] = run_profile(workers, args)
         else:
             for w in workers:  # one at a time, so neither compiles while the other warms up
                 info[w.kind]['warmup_s'] = w.ask('warmup')['seconds']
