@@ -4,11 +4,11 @@
 
 Each ``*_coeffs`` function returns (c_skip, c_out, c_in, c_noise) for sigma of shape (B,) — the
 independent, testable part. :func:`precondition` applies them to any raw function
-``F(x_in (B,...), c_noise (B,), cond) -> (B,...)``; :func:`edm`, :func:`vp`, :func:`ve` and :func:`iddpm`
-bind a Flax network and its variables, calling it like the EDM reference:
-``net.apply(variables, x, noise_labels, class_labels, augment_labels=..., train=..., rngs=...)``.
-:func:`iddpm` (and :func:`iddpm_precondition` for a raw F) also declares iDDPM's discrete sigma grid
-(:class:`jaxdiff.denoiser.GridDenoiser`), which the EDM samplers round their noise levels onto.
+``F(x_in (B,...), c_noise (B,), cond) -> (B,...)``; :func:`edm`, :func:`vp`, :func:`ve`, :func:`iddpm` and
+:func:`ddpm` (ADM's and DiT's discrete linear schedule) bind a Flax network and its variables, calling it like
+the EDM reference: ``net.apply(variables, x, noise_labels, class_labels, augment_labels=..., train=..., rngs=...)``.
+:func:`iddpm` (and :func:`iddpm_precondition` for a raw F) and :func:`ddpm` also declare their discrete sigma
+grid (:class:`jaxdiff.denoiser.GridDenoiser`), which the EDM samplers round their noise levels onto.
 """
 from __future__ import annotations
 
@@ -66,6 +66,21 @@ def iddpm_coeffs(sigma: jax.Array, M: int = schedules.IDDPM_M, C_1: float = sche
     return jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma ** 2 + 1), (M - 1 - j).astype(jnp.float32)
 
 
+def ddpm_coeffs(sigma: jax.Array, num_timesteps: int = schedules.DDPM_T) -> Coeffs:
+    """ADM / DiT discrete diffusion (the network predicts eps from x_t = sqrt(abar_t) (x_0 + sigma_t eps) at integer
+    timestep t): c_skip = 1, c_out = -s, c_in = 1/sqrt(s^2+1), c_noise = t(s), the index of the nearest sigma_t."""
+    t = schedules.round_sigma_to_grid(sigma, ddpm_grid(num_timesteps), return_index=True)
+    return jnp.ones_like(sigma), -sigma, 1 / jnp.sqrt(sigma ** 2 + 1), t.astype(jnp.float32)
+
+
+@lru_cache(maxsize=8)
+def ddpm_grid(num_timesteps: int = schedules.DDPM_T) -> np.ndarray:
+    """The (T,) sigmas of :func:`schedules.ddpm_linear_sigmas` as float32 (what c_noise rounds onto); read-only."""
+    grid = schedules.ddpm_linear_sigmas(int(num_timesteps)).astype(np.float32)
+    grid.flags.writeable = False
+    return grid
+
+
 def precondition(raw: RawNet, coeffs: Callable[[jax.Array], Coeffs], out_channels: Optional[int] = None) -> Denoiser:
     """Turn a raw network F into a denoiser D(x (B,...), sigma () or (B,), cond) -> (B,...).
 
@@ -120,6 +135,7 @@ edm = _bind(edm_coeffs)
 vp = _bind(vp_coeffs)
 ve = _bind(ve_coeffs)
 _iddpm_continuous = _bind(iddpm_coeffs)
+_ddpm_continuous = _bind(ddpm_coeffs)
 
 
 def iddpm(net, variables, *, M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,
@@ -133,6 +149,19 @@ def iddpm(net, variables, *, M: int = schedules.IDDPM_M, C_1: float = schedules.
     """
     den = _iddpm_continuous(net, variables, M=M, C_1=C_1, C_2=C_2, **kwargs)
     return GridDenoiser(den, iddpm_grid(M, C_1, C_2))
+
+
+def ddpm(net, variables, *, num_timesteps: int = schedules.DDPM_T, **kwargs) -> GridDenoiser:
+    """Denoiser from an eps-predicting network trained with ADM's / DiT's discrete 'linear' schedule (e.g. an
+    official DiT checkpoint), declaring its T noise levels so that solvers step on them.
+
+    Args: net, variables, num_timesteps (T, 1000) and the keywords of :func:`edm` (label_dim, train, rngs, and
+    out_channels: the input's channel count for learned-variance nets, whose output is [eps | v]). Returns a
+    :class:`~jaxdiff.denoiser.GridDenoiser` D(x (B,H,W,C), sigma () or (B,), class_labels) with ``sigma_grid`` =
+    :func:`ddpm_grid` (T,). x here is x_t / sqrt(abar_t), the variance-exploding view of the reference's x_t.
+    """
+    return GridDenoiser(_ddpm_continuous(net, variables, num_timesteps=num_timesteps, **kwargs),
+                        ddpm_grid(num_timesteps))
 
 
 def iddpm_precondition(raw: RawNet, M: int = schedules.IDDPM_M, C_1: float = schedules.IDDPM_C1,

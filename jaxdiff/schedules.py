@@ -23,6 +23,7 @@ VE_SIGMA_MAX = 100.0
 IDDPM_C1 = 0.001
 IDDPM_C2 = 0.008
 IDDPM_M = 1000
+DDPM_T = 1000           # ADM / DiT: discrete timesteps of the 'linear' beta schedule
 
 
 def append_zero(sigmas: np.ndarray) -> np.ndarray:
@@ -161,6 +162,19 @@ def iddpm_sigmas(num_steps: int = 18, sigma_min: float = 0.002, sigma_max: float
     kept = u[(u >= sigma_min) & (u <= sigma_max)]
     idx = np.round((len(kept) - 1) / max(num_steps - 1, 1) * np.arange(num_steps)).astype(np.int64)
     return append_zero(kept[idx])
+
+
+def ddpm_linear_sigmas(num_timesteps: int = DDPM_T) -> np.ndarray:
+    """The noise levels of ADM's (and DiT's) 'linear' discrete schedule, (T,) float64, t = 0 (least noise) .. T-1.
+
+    betas = linspace(1e-4 s, 0.02 s, T) in float64 with s = 1000 / T (``get_named_beta_schedule('linear', T)``),
+    abar_t = prod_{i<=t} (1 - beta_i) and sigma_t = sqrt((1 - abar_t) / abar_t), so x_t / sqrt(abar_t) = x_0 +
+    sigma_t eps: for T = 1000, sigma_0 = 0.0100 and sigma_999 = 157.4.
+    """
+    scale = 1000 / num_timesteps
+    betas = np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
+    abar = np.cumprod(1 - betas)
+    return np.sqrt((1 - abar) / abar)
 
 
 def round_sigma_to_grid(sigma, grid, return_index: bool = False):

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import pickle
 import struct
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -155,6 +156,18 @@ def legacy_save(obj):
     data = [struct.pack('<q', storages[k].size) + storages[k].astype(storages[k].dtype.newbyteorder('<')).tobytes()
             for k in keys]
     return b''.join([*parts, f.getvalue(), pickle.dumps(keys, protocol=2), *data])
+
+
+def torch_zip(obj, path):
+    """torch.save(obj, path) in the zip format: data.pkl (protocol 2, storages as persistent ids) and data/<key>.
+    Give each Tensor its own Storage key (``Tensor(a, storage=Storage(a, key=str(i)))``)."""
+    storages = {}
+    data = dumps(obj, protocol=2, storages=storages)
+    with zipfile.ZipFile(path, 'w') as zf:
+        zf.writestr('archive/data.pkl', data)
+        zf.writestr('archive/byteorder', 'little')
+        for key, flat in storages.items():
+            zf.writestr(f'archive/data/{key}', flat.tobytes())
 
 
 def legacy_bytes(storage):

@@ -7,7 +7,6 @@ import os
 import pickle
 import subprocess
 import sys
-import zipfile
 
 import jax
 import ml_dtypes
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 
 from edm_pickle_writer import (MODULE_SRC, STORAGE_TYPES, Global, Parameter, Storage, Tensor, dumps, edm_pickle,
-                               legacy_bytes)
+                               legacy_bytes, torch_zip)
 from jaxdiff.nets import DhariwalUNet, SongUNet
 from jaxdiff import files
 from jaxdiff.nets import convert
@@ -165,14 +164,8 @@ def test_tensor_views_offsets_strides_and_bounds(tmp_path):
 
 def test_torch_zip_archive(tmp_path):
     a = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    storages = {}
-    data = dumps(dict(weight=Parameter(a)), protocol=2, storages=storages)
     path = tmp_path / 'sd.pt'
-    with zipfile.ZipFile(path, 'w') as zf:
-        zf.writestr('archive/data.pkl', data)
-        zf.writestr('archive/byteorder', 'little')
-        for key, flat in storages.items():
-            zf.writestr(f'archive/data/{key}', flat.tobytes())
+    torch_zip(dict(weight=Parameter(a)), path)
     np.testing.assert_array_equal(load_edm_pickle(path)['state_dict']['weight'], a)
 
 

@@ -1,4 +1,5 @@
-"""Denoiser networks: EDM's SongUNet (DDPM++ / NCSN++) and DhariwalUNet (ADM), Flax linen, NHWC; and the
+"""Denoiser networks: EDM's SongUNet (DDPM++ / NCSN++) and DhariwalUNet (ADM), the Diffusion Transformer (DiT,
+``jaxdiff.nets.dit``), Flax linen, NHWC; and the
 classifiers of adversarial training (WideResNet with Swish, PreAct ResNet; ``wide_resnet``, ``preact_resnet``).
 
 Call like EDM's torch modules::
@@ -25,9 +26,10 @@ Variable naming (the contract with the torch checkpoint converter):
   skips them (and may check them against the config).
 """
 from jaxdiff.nets.dhariwal_unet import DhariwalUNet
+from jaxdiff.nets.dit import DiT
 from jaxdiff.nets.preact_resnet import PreActResNet, PreActResNet18
 from jaxdiff.nets.song_unet import SongUNet
 from jaxdiff.nets.wide_resnet import WideResNet, wrn_16_4, wrn_28_10, wrn_70_16
 
-__all__ = ['SongUNet', 'DhariwalUNet', 'PreActResNet', 'PreActResNet18', 'WideResNet', 'wrn_16_4', 'wrn_28_10',
+__all__ = ['SongUNet', 'DhariwalUNet', 'DiT', 'PreActResNet', 'PreActResNet18', 'WideResNet', 'wrn_16_4', 'wrn_28_10',
            'wrn_70_16']

@@ -67,11 +67,11 @@ def _torch_shape(shape: Sequence[int]) -> tuple:
     return _to_torch_layout(np.empty(shape, np.bool_)).shape
 
 
-def _is_filter(value: np.ndarray, net: nn.Module) -> bool:
-    """Whether a torch resample_filter buffer equals outer(taps, taps) / sum(taps)^2 (1, 1, k, k) of ``net``."""
+def _filter_constant(net: nn.Module):
+    """EDM's constants: name -> outer(taps, taps) / sum(taps)^2 (1, 1, k, k) for ``*.resample_filter``, else None."""
     taps = np.asarray(getattr(net, _FILTER, (1, 1)), np.float32)
     target = (np.outer(taps, taps) / np.square(taps.sum()))[None, None]
-    return value.shape == target.shape and np.allclose(value.astype(np.float32), target, rtol=0, atol=1e-7)
+    return lambda name: target if name.split('.')[-1] == _FILTER else None
 
 
 def _flat(tree: Mapping) -> dict[str, tuple[tuple, Any]]:
@@ -79,19 +79,62 @@ def _flat(tree: Mapping) -> dict[str, tuple[tuple, Any]]:
     return {'.'.join(path): (path, leaf) for path, leaf in traverse_util.flatten_dict(tree).items()}
 
 
-def _mismatch_error(net: nn.Module, missing: list, unexpected: list, misshaped: list, constants: list) -> ValueError:
-    """One ValueError listing every problem: a summary line with the fix, then one line per key."""
+def _mismatch_error(net: nn.Module, missing: list, unexpected: list, misshaped: list, constants: list,
+                    hint: str) -> ValueError:
+    """One ValueError listing every problem: a summary line with the fix (``hint``), then one line per key."""
     name = type(net).__name__
     head = (f'state dict does not match {name}: {len(missing)} missing, {len(unexpected)} unexpected, '
-            f'{len(misshaped)} mis-shaped, {len(constants)} wrong resample_filter key(s) (shapes in torch layout); '
-            f"build the {name} with the kwargs the checkpoint was trained with (load_edm_pickle(path)"
-            "['model_kwargs']) and pass the inner model's state dict.")
+            f'{len(misshaped)} mis-shaped, {len(constants)} wrong constant(s) (shapes in torch layout); '
+            f'build the {name} with the kwargs the checkpoint was trained with{hint}.')
     lines = [f'  missing: {k} expected {s}' for k, s in missing]
     lines += [f'  unexpected: {k} {s}' for k, s in unexpected]
     lines += [f'  mis-shaped: {k} expected {e}, got {g}' for k, e, g in misshaped]
-    lines += [f'  wrong constant: {k} is not the filter of resample_filter={tuple(getattr(net, _FILTER, (1, 1)))}'
-              for k in constants]
+    lines += [f'  wrong constant: {k} is not the value the {name} computes from its kwargs' for k in constants]
     return ValueError('\n'.join([head, *lines]))
+
+
+def from_torch(state_dict: Mapping[str, np.ndarray], net: nn.Module, *, prefix: str = '',
+               tables: Sequence[str] = (), constants=lambda name: None, hint: str = '') -> dict:
+    """A torch ``state_dict`` whose keys are our flattened variable paths -> Flax variables for ``net``.
+
+    Keys may carry ``prefix`` (stripped). Layouts: conv OIHW -> HWIO, Linear (out, in) -> (in, out), except the
+    keys in ``tables`` (embedding tables, kept as they are); 1-D as they are. ``constants(name)`` gives the value
+    a key must hold when it is a constant our code rebuilds (EDM's resample filters, DiT's position table), else
+    None; such keys are checked, not loaded. Returns {collection: tree} of numpy arrays in the dtypes ``net.init``
+    gives (float32). Every missing, unexpected or mis-shaped key and wrong constant is reported in one ValueError
+    whose summary ends with ``hint``.
+    """
+    expected = {k: (coll, path, leaf) for coll, tree in abstract_variables(net).items()
+                for k, (path, leaf) in _flat(tree).items()}
+    layout = lambda name, a: a if name in tables else _to_flax_layout(a)
+    torch_shape = lambda name, leaf: leaf.shape if name in tables else _torch_shape(leaf.shape)
+    out, seen, unexpected, misshaped, wrong = {}, set(), [], [], []
+    for key, value in state_dict.items():
+        name, value = key.removeprefix(prefix), np.asarray(value)
+        if name in expected:
+            coll, path, leaf = expected[name]
+            seen.add(name)
+            shape = torch_shape(name, leaf)
+            if value.shape != shape:
+                misshaped.append((name, shape, value.shape))
+            else:
+                out[(coll, *path)] = np.ascontiguousarray(layout(name, value), dtype=leaf.dtype)
+        elif (target := constants(name)) is not None:
+            if value.shape != target.shape or not np.allclose(value.astype(np.float32), target, rtol=0, atol=1e-6):
+                wrong.append(name)
+        else:
+            unexpected.append((name, value.shape))
+    missing = [(k, torch_shape(k, leaf)) for k, (_, _, leaf) in expected.items() if k not in seen]
+    if missing or unexpected or misshaped or wrong:
+        raise _mismatch_error(net, missing, unexpected, misshaped, wrong, hint)
+    return traverse_util.unflatten_dict(out)
+
+
+def to_torch(variables: Mapping, tables: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Flax variables ({'params': ..., ...}) -> torch-layout ``{dotted key: array}``, the inverse of
+    :func:`from_torch` (HWIO -> OIHW, (in, out) -> (out, in); ``tables`` as they are); no constants."""
+    return {k: np.ascontiguousarray(np.asarray(leaf) if k in tables else _to_torch_layout(np.asarray(leaf)))
+            for tree in variables.values() for k, (_, leaf) in _flat(tree).items()}
 
 
 def from_edm(state_dict: Mapping[str, np.ndarray], net: nn.Module) -> dict:
@@ -105,27 +148,8 @@ def from_edm(state_dict: Mapping[str, np.ndarray], net: nn.Module) -> dict:
     unexpected or mis-shaped key (and any resample_filter buffer that is not the net's filter) is reported in
     one ValueError.
     """
-    expected = {k: (coll, path, leaf) for coll, tree in abstract_variables(net).items()
-                for k, (path, leaf) in _flat(tree).items()}
-    out, seen, unexpected, misshaped, constants = {}, set(), [], [], []
-    for key, value in state_dict.items():
-        name, value = key.removeprefix(_PREFIX), np.asarray(value)
-        if name in expected:
-            coll, path, leaf = expected[name]
-            seen.add(name)
-            if value.shape != _torch_shape(leaf.shape):
-                misshaped.append((name, _torch_shape(leaf.shape), value.shape))
-            else:
-                out[(coll, *path)] = np.ascontiguousarray(_to_flax_layout(value), dtype=leaf.dtype)
-        elif name.split('.')[-1] == _FILTER:
-            if not _is_filter(value, net):
-                constants.append(name)
-        else:
-            unexpected.append((name, value.shape))
-    missing = [(k, _torch_shape(leaf.shape)) for k, (_, _, leaf) in expected.items() if k not in seen]
-    if missing or unexpected or misshaped or constants:
-        raise _mismatch_error(net, missing, unexpected, misshaped, constants)
-    return traverse_util.unflatten_dict(out)
+    return from_torch(state_dict, net, prefix=_PREFIX, constants=_filter_constant(net),
+                      hint=" (load_edm_pickle(path)['model_kwargs']) and pass the inner model's state dict")
 
 
 def to_edm(variables: Mapping) -> dict[str, np.ndarray]:
@@ -134,8 +158,7 @@ def to_edm(variables: Mapping) -> dict[str, np.ndarray]:
     Inverse of ``from_edm``: conv HWIO -> OIHW, linear (in, out) -> (out, in). The constant resample_filter
     buffers are not emitted.
     """
-    return {k: np.ascontiguousarray(_to_torch_layout(np.asarray(leaf)))
-            for tree in variables.values() for k, (_, leaf) in _flat(tree).items()}
+    return to_torch(variables)
 
 
 def _net_kwargs(kwargs: Mapping) -> dict:

@@ -43,8 +43,10 @@ def weight_init(key: Array, shape: Sequence[int], mode: str, fan_in: int, fan_ou
         return math.sqrt(3 / fan_in) * jax.random.uniform(key, shape, minval=-1.0, maxval=1.0)
     if mode == 'kaiming_normal':
         return math.sqrt(1 / fan_in) * jax.random.normal(key, shape)
-    raise ValueError(f'Invalid init mode "{mode}": use xavier_uniform, xavier_normal, kaiming_uniform or '
-                     'kaiming_normal.')
+    if mode == 'normal':  # fan-free N(0, 1), scaled by the gain (DiT's std-0.02 embeddings)
+        return jax.random.normal(key, shape)
+    raise ValueError(f'Invalid init mode "{mode}": use xavier_uniform, xavier_normal, kaiming_uniform, '
+                     'kaiming_normal or normal.')
 
 
 def _initializer(mode: str, gain: float, fan_in: int, fan_out: int):

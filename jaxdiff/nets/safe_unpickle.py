@@ -19,7 +19,8 @@ What the allowlisted names become:
 - ``torch.<Type>Storage`` (in storage persistent ids) and ``numpy.ndarray`` (in numpy's ``_reconstruct``):
   inert markers that cannot be called.
 - numpy scalars (become Python scalars) and numeric arrays, ``collections.OrderedDict``, ``dnnlib.util.EasyDict``
-  (as dict), ``set``, ``frozenset``, and ``_codecs.encode`` for latin1 text (how protocol 2 writes bytes).
+  (as dict), ``argparse.Namespace`` (as ``types.SimpleNamespace``: DiT's training checkpoints store their command
+  line), ``set``, ``frozenset``, and ``_codecs.encode`` for latin1 text (how protocol 2 writes bytes).
 
 A file written by ``torch.save`` in its (default) zip format is read the same way: ``data.pkl`` through the
 allowlist, storages from ``data/<key>``; so is one in torch's legacy (pre-1.6) format, whose storages follow its
@@ -33,6 +34,7 @@ import io
 import os
 import pickle
 import struct
+import types
 import zipfile
 from typing import Any, Callable, Mapping
 
@@ -208,6 +210,7 @@ _ALLOWED: dict[str, Any] = {
     'builtins.frozenset': frozenset,
     '_codecs.encode': _latin1_encode,
     'dnnlib.util.EasyDict': dict,
+    'argparse.Namespace': types.SimpleNamespace,
     'torch._utils._rebuild_tensor_v2': _rebuild_tensor,
     'torch._utils._rebuild_parameter': _rebuild_parameter,
     'torch.storage._load_from_bytes': _load_from_bytes,
