@@ -38,14 +38,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.worker_count = 0         # grain worker processes (0 = in the main process)
 
     c.model = ml_collections.ConfigDict()
-    c.model.arch = 'ddpmpp'         # ddpmpp | ncsnpp | adm (SongUNet / SongUNet / DhariwalUNet presets)
+    c.model.arch = 'ddpmpp'         # ddpmpp | ncsnpp | adm | dit | mlp (SongUNet x2 / DhariwalUNet / DiT / MLP)
     c.model.precond = 'edm'         # edm | vp | ve (preconditioning; the loss follows it)
     c.model.model_channels = 128    # base channel count
     c.model.channel_mult = (2, 2, 2)  # per-resolution channel multipliers
     c.model.channel_mult_emb = 4    # embedding width multiplier (SongUNet)
     c.model.num_blocks = 4          # residual blocks per resolution
     c.model.attn_resolutions = (16,)  # resolutions with self-attention
-    c.model.dropout = 0.13          # dropout probability
+    c.model.dropout = 0.13          # dropout probability (the U-Nets)
+    c.model.patch_size = 2          # DiT: tokens are patch_size x patch_size patches
+    c.model.hidden_size = 384       # DiT: token width (S 384, B 768, L 1024, XL 1152)
+    c.model.depth = 12              # DiT: transformer blocks (S/B 12, L 24, XL 28)
+    c.model.num_heads = 6           # DiT: attention heads (S 6, B 12, L/XL 16)
     c.model.label_dropout = 0.0     # probability of dropping class labels (>0 trains for classifier-free guidance)
     c.model.dtype = 'float32'       # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.sigma_data = 0.5        # expected data std (EDM preconditioning and loss)
@@ -85,10 +89,12 @@ RANGES: dict[str, ranges.Rule] = {
     'data.source': ranges.one_of('digits', 'fashion_mnist', 'npz', 'folder', 'array_record', 'tfds', 'gmm2d'),
     'data.use_labels': ranges.BOOL, 'data.xflip': ranges.BOOL, 'data.shuffle_seed': ranges.SEED,
     'data.worker_count': ranges.at_least(0, integer=True),
-    'model.arch': ranges.one_of('ddpmpp', 'ncsnpp', 'adm', 'mlp'), 'model.precond': ranges.one_of('edm', 'vp', 've'),
+    'model.arch': ranges.one_of('ddpmpp', 'ncsnpp', 'adm', 'dit', 'mlp'), 'model.precond': ranges.one_of('edm', 'vp', 've'),
     'model.model_channels': ranges.COUNT, 'model.channel_mult': ranges.integers(1),
     'model.channel_mult_emb': ranges.COUNT, 'model.num_blocks': ranges.COUNT,
     'model.attn_resolutions': ranges.integers(1, nonempty=False), 'model.dropout': ranges.PROBABILITY,
+    'model.patch_size': ranges.COUNT, 'model.hidden_size': ranges.COUNT, 'model.depth': ranges.COUNT,
+    'model.num_heads': ranges.COUNT,
     'model.label_dropout': ranges.PROBABILITY, 'model.dtype': ranges.one_of('float32', 'bfloat16'),
     'model.sigma_data': ranges.POSITIVE,
     'loss.P_mean': ranges.NUMBER, 'loss.P_std': ranges.POSITIVE, 'loss.augment_p': ranges.FRACTION,

@@ -10,9 +10,12 @@ import pytest
 
 from edm_pickle_writer import Storage, Tensor, torch_zip
 from jaxdiff import precond, schedules
+from jaxdiff.config import base_config
+from jaxdiff.data.sources import DatasetInfo
 from jaxdiff.nets.convert_dit import from_dit, load_dit, to_dit
 from jaxdiff.denoiser import GridDenoiser
 from jaxdiff.nets.dit import DiT, dit, pos_embed_2d, timestep_features
+from jaxdiff.nets.from_config import build_net, denoiser_fn
 
 TINY = dict(img_resolution=4, in_channels=3, label_dim=5, patch_size=2, hidden_size=32, depth=2, num_heads=4)
 
@@ -174,3 +177,21 @@ def test_ddpm_preconditioning_on_an_exact_gaussian_eps_predictor():
     np.testing.assert_allclose(den(x, sigma), want, rtol=2e-5, atol=1e-6)
     _, _, _, c_noise = precond.ddpm_coeffs(jnp.asarray([g32[0] * 1.001, g32[731] * 0.9999]))
     np.testing.assert_array_equal(c_noise, [0.0, 731.0])
+
+
+def test_config_arch_dit_builds_a_denoiser_and_refuses_augmentation():
+    config = base_config()
+    config.model.update(arch='dit', patch_size=2, hidden_size=32, depth=1, num_heads=4, label_dropout=0.1)
+    config.loss.augment_p = 0.0
+    info = DatasetInfo(resolution=8, channels=1, num_classes=10, size=100)
+    net = build_net(config, info)
+    assert isinstance(net, DiT) and not net.learn_sigma and net.label_dim == 10
+    x, labels = jnp.ones((2, 8, 8, 1)), jax.nn.one_hot(jnp.array([1, 2]), 10)
+    variables = net.init(jax.random.key(0), x, jnp.zeros((2,)), labels)
+    assert denoiser_fn(config, net, variables)(x, jnp.array([0.5, 2.0]), labels).shape == (2, 8, 8, 1)
+    config.loss.augment_p = 0.12
+    with pytest.raises(ValueError, match='augment_p=0.12: DiT takes no augmentation labels'):
+        build_net(config, info)
+    config.loss.augment_p, config.model.patch_size = 0.0, 3
+    with pytest.raises(ValueError, match=r'data.resolution \(8\) divisible by patch_size \(3\)'):
+        build_net(config, info)

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from jaxdiff import precond
 from jaxdiff.denoiser import Denoiser
-from jaxdiff.nets import DhariwalUNet, SongUNet
+from jaxdiff.nets import DhariwalUNet, DiT, SongUNet
 from jaxdiff.nets.mlp import MLP
 from jaxdiff.nets.noisy_classifier import NoisyClassifier
 
@@ -25,6 +25,7 @@ PRESETS = {
     'ncsnpp': dict(embedding_type='fourier', encoder_type='residual', decoder_type='standard',
                    channel_mult_noise=2, resample_filter=(1, 3, 3, 1)),
     'adm': {},
+    'dit': {},
     'mlp': {},
 }
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -76,7 +77,8 @@ def build_net(config, info) -> nn.Module:
 
     task=noisy_classifier: a NoisyClassifier x (B, res, res, channels), noise_labels (B,) -> logits
     (B, num_classes) (sizes, dropout and dtype from ``config.model``; ``arch`` is not read). Otherwise returns a
-    SongUNet (ddpmpp, ncsnpp), DhariwalUNet (adm) or MLP (mlp, for 2-D points stored as (1, 1, 2) images) taking
+    SongUNet (ddpmpp, ncsnpp), DhariwalUNet (adm), DiT (dit: patch_size, hidden_size, depth, num_heads; its
+    dropout is the reference's, none) or MLP (mlp, for 2-D points stored as (1, 1, 2) images) taking
     x (B, res, res, channels) and returning the same shape; float32 params, compute in ``config.model.dtype``.
     """
     m = config.model
@@ -97,6 +99,17 @@ def build_net(config, info) -> nn.Module:
                 dtype=_choice('dtype', m.dtype, DTYPES))
     if m.arch == 'mlp':
         return MLP(**base)
+    if m.arch == 'dit':
+        # Trained here under a continuous preconditioning, so no learned-variance channels.
+        if info.resolution % m.patch_size or m.hidden_size % m.num_heads or m.hidden_size % 4:
+            raise ValueError(f'config.model: DiT needs data.resolution ({info.resolution}) divisible by patch_size '
+                             f'({m.patch_size}) and hidden_size ({m.hidden_size}) by num_heads ({m.num_heads}) and 4')
+        if config.loss.augment_p > 0:
+            raise ValueError(f'config.loss.augment_p={config.loss.augment_p}: DiT takes no augmentation labels, so '
+                             'augmented images would leak into its samples; set --config.loss.augment_p=0')
+        return DiT(img_resolution=info.resolution, in_channels=info.channels, label_dim=base['label_dim'],
+                   patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth, num_heads=m.num_heads,
+                   label_dropout=m.label_dropout, learn_sigma=False, dtype=base['dtype'])
     common = dict(base, augment_dim=AUGMENT_DIM if config.loss.augment_p > 0 else 0,
                   channel_mult=tuple(m.channel_mult), channel_mult_emb=m.channel_mult_emb,
                   attn_resolutions=tuple(m.attn_resolutions))
