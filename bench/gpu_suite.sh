@@ -10,8 +10,10 @@
 # A failing row is reported and skipped. Each row runs in its own process, so memory starts empty; the rows share
 # one persistent compilation cache, fresh per suite run (JAX_COMPILATION_CACHE_DIR), so a program two rows compile
 # alike (the params' init at one dtype) is compiled once, while every timed program is still compiled in its row.
+# Then DiT-XL/2's forward and forward+backward on ImageNet-256 latents (bench/net_step.py, batch 256, bf16).
 # Each row's JSON gets its wall seconds (row_s), the table the suite's total. The environment variables CONFIG,
-# TRAIN_BATCHES, TRAIN_DTYPES, SAMPLE_BATCH and STEPS shrink the suite for a CPU smoke test.
+# TRAIN_BATCHES, TRAIN_DTYPES, SAMPLE_BATCH and STEPS shrink the suite for a CPU smoke test; SKIP_DIT=1 drops the
+# DiT row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/diffusion/cifar10_ddpmpp_cond.py}
@@ -42,6 +44,10 @@ for dtype in $TRAIN_DTYPES; do
     row train $PY bench/train_throughput.py --config "$CONFIG" --batch "$batch" --dtype "$dtype" --steps "$STEPS"
   done
 done
+if [ -z "${SKIP_DIT:-}" ]; then
+  echo "network step: DiT-XL/2 on 32x32x4 latents, batch 256, bfloat16" >&2
+  row net $PY bench/net_step.py --net dit_xl2_256 --batch 256 --dtype bfloat16 --steps 10
+fi
 for guidance in none 2 "cfg:weight=2,batched=False"; do
   flag=(); [ "$guidance" = none ] || flag=(--guidance "$guidance")
   echo "sampling: $CONFIG edm 18 steps, batch $SAMPLE_BATCH, guidance $guidance" >&2

@@ -1,7 +1,7 @@
-"""Forward and forward+backward speed of the EDM networks.
+"""Forward and forward+backward speed of the EDM networks and DiT.
 
-    python bench/net_step.py --net ddpmpp_cifar_cond|ncsnpp_cifar_uncond|adm_imagenet64_cond|tiny --batch B
-                             [--dtype bfloat16] [--steps N]
+    python bench/net_step.py --net ddpmpp_cifar_cond|ncsnpp_cifar_uncond|adm_imagenet64_cond|dit_xl2_256|tiny
+                             --batch B [--dtype bfloat16] [--steps N]
 
 Prints the parameter count, the jitted step times (after one warm-up call, synchronised with block_until_ready),
 img/s for each, the model FLOPs of each step (bench/flops.py: 2 x MACs of matmuls and convolutions) and the
@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.nets import DhariwalUNet, SongUNet
+from jaxdiff.nets import DhariwalUNet, DiT, SongUNet
 
 from flops import count_flops
 
@@ -26,7 +26,7 @@ _DDPMPP_CIFAR = dict(img_resolution=32, in_channels=3, out_channels=3, model_cha
                      channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.13,
                      embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
                      decoder_type='standard', resample_filter=(1, 1))
-# name -> (network class, constructor kwargs); the EDM paper's settings.
+# name -> (network class, constructor kwargs); the EDM and DiT papers' settings.
 NETS = {
     'ddpmpp_cifar_cond': (SongUNet, dict(_DDPMPP_CIFAR, label_dim=10, augment_dim=9)),
     'ncsnpp_cifar_uncond': (SongUNet, dict(_DDPMPP_CIFAR, embedding_type='fourier', channel_mult_noise=2,
@@ -34,6 +34,9 @@ NETS = {
     'adm_imagenet64_cond': (DhariwalUNet, dict(img_resolution=64, in_channels=3, out_channels=3, label_dim=1000,
                                                model_channels=192, channel_mult=(1, 2, 3, 4), num_blocks=3,
                                                attn_resolutions=(32, 16, 8), dropout=0.1)),
+    # DiT-XL/2 on ImageNet-256 latents (32x32x4), with learned variance, as the reference trains it.
+    'dit_xl2_256': (DiT, dict(img_resolution=32, in_channels=4, label_dim=1000, patch_size=2, hidden_size=1152,
+                              depth=28, num_heads=16)),
     'tiny': (SongUNet, dict(img_resolution=16, in_channels=3, out_channels=3, label_dim=10, model_channels=32,
                             channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,))),
 }

@@ -2,7 +2,8 @@
 
     python bench/suite_table.py LOG
 
-Train rows come from bench/train_throughput.py, sample rows from bench/sample_throughput.py; the table is
+Train rows come from bench/train_throughput.py, sample rows from bench/sample_throughput.py, network rows (forward,
+forward+backward of one net) from bench/net_step.py; the table is
 Markdown, ready for docs/benchmarks.md. ``setup s``: seconds before the timed program's compile (init, FLOP or NFE
 count); ``row s``: the row's wall time, process start to exit (logs without them show '-').
 """
@@ -28,6 +29,13 @@ def rows(lines: list[str]) -> list[str]:
            '|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
     for line in lines:
         r = json.loads(line)
+        if r['bench'] == 'net':
+            for step in ('forward', 'forward_backward'):
+                mfu = f'{100 * r[step + "_mfu"]:.1f}%' if r.get(step + '_mfu') else '-'
+                out.append(f'| net {step.replace("_", "+")} | `{r["net"]}` | {r["batch"]} | {r["dtype"]} | - | - | '
+                           f'{r[step + "_compile_s"]:.1f} | {r[step + "_ms"]:.1f} | {r[step + "_img_per_s"]:,.0f} | '
+                           f'{mfu} | {_seconds(r.get("row_s"))} |')
+            continue
         config = r['config'].rsplit('/', 1)[-1].removesuffix('.py')
         setup = r.get('setup_s', 0) + r.get('flops_s', 0) if 'setup_s' in r else None
         times = f'{_seconds(setup)} | {r["compile_s"]:.1f}'

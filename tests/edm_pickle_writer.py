@@ -158,9 +158,15 @@ def legacy_save(obj):
     return b''.join([*parts, f.getvalue(), pickle.dumps(keys, protocol=2), *data])
 
 
+def tensors(state_dict, prefix=''):
+    """{prefix + key: Tensor} for a numpy state dict, each tensor on its own storage (as torch.save writes one)."""
+    return {prefix + k: Tensor(np.ascontiguousarray(v), storage=Storage(np.ascontiguousarray(v), key=prefix + k))
+            for k, v in state_dict.items()}
+
+
 def torch_zip(obj, path):
     """torch.save(obj, path) in the zip format: data.pkl (protocol 2, storages as persistent ids) and data/<key>.
-    Give each Tensor its own Storage key (``Tensor(a, storage=Storage(a, key=str(i)))``)."""
+    Give each Tensor its own Storage key (:func:`tensors` does)."""
     storages = {}
     data = dumps(obj, protocol=2, storages=storages)
     with zipfile.ZipFile(path, 'w') as zf:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edm_pickle_writer import Storage, Tensor, torch_zip
+from edm_pickle_writer import tensors, torch_zip
 from jaxdiff import precond, schedules
 from jaxdiff.config import base_config
 from jaxdiff.data.sources import DatasetInfo
@@ -150,9 +150,8 @@ def test_converter_round_trip_errors_and_checkpoint_files(tiny, tmp_path):
                  'mis-shaped: blocks.0.attn.qkv.weight expected (96, 32), got (96, 16)', 'wrong constant: pos_embed'):
         assert line in msg
 
-    tensors = {k: Tensor(a, storage=Storage(a, key=str(i))) for i, (k, a) in enumerate(sd.items())}
-    torch_zip(tensors, tmp_path / 'DiT-tiny.pt')                       # a released checkpoint: the state dict
-    torch_zip(dict(model={}, ema=tensors, args=argparse.Namespace(model='DiT-S/2')), tmp_path / '0000100.pt')
+    torch_zip(tensors(sd), tmp_path / 'DiT-tiny.pt')                  # a released checkpoint: the state dict
+    torch_zip(dict(model={}, ema=tensors(sd), args=argparse.Namespace(model='DiT-S/2')), tmp_path / '0000100.pt')
     for name in ('DiT-tiny.pt', '0000100.pt'):
         jax.tree.map(np.testing.assert_array_equal, load_dit(str(tmp_path / name), net), from_dit(sd, net))
 

@@ -1,6 +1,6 @@
 """Denoiser networks: EDM's SongUNet (DDPM++ / NCSN++) and DhariwalUNet (ADM), the Diffusion Transformer (DiT,
-``jaxdiff.nets.dit``), Flax linen, NHWC; and the
-classifiers of adversarial training (WideResNet with Swish, PreAct ResNet; ``wide_resnet``, ``preact_resnet``).
+``dit``); Stable Diffusion's autoencoder (AutoencoderKL, ``autoencoder_kl``); the classifiers of adversarial
+training (WideResNet with Swish, PreAct ResNet; ``wide_resnet``, ``preact_resnet``). Flax linen, NHWC.
 
 Call like EDM's torch modules::
 
@@ -25,11 +25,12 @@ Variable naming (the contract with the torch checkpoint converter):
 - Torch's ``*.resample_filter`` buffers are constants rebuilt from ``resample_filter`` in code; a converter
   skips them (and may check them against the config).
 """
+from jaxdiff.nets.autoencoder_kl import AutoencoderKL
 from jaxdiff.nets.dhariwal_unet import DhariwalUNet
 from jaxdiff.nets.dit import DiT
 from jaxdiff.nets.preact_resnet import PreActResNet, PreActResNet18
 from jaxdiff.nets.song_unet import SongUNet
 from jaxdiff.nets.wide_resnet import WideResNet, wrn_16_4, wrn_28_10, wrn_70_16
 
-__all__ = ['SongUNet', 'DhariwalUNet', 'DiT', 'PreActResNet', 'PreActResNet18', 'WideResNet', 'wrn_16_4', 'wrn_28_10',
-           'wrn_70_16']
+__all__ = ['SongUNet', 'DhariwalUNet', 'DiT', 'AutoencoderKL', 'PreActResNet', 'PreActResNet18', 'WideResNet',
+           'wrn_16_4', 'wrn_28_10', 'wrn_70_16']

@@ -94,17 +94,20 @@ def _mismatch_error(net: nn.Module, missing: list, unexpected: list, misshaped: 
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], net: nn.Module, *, prefix: str = '',
-               tables: Sequence[str] = (), constants=lambda name: None, hint: str = '') -> dict:
+               tables: Sequence[str] = (), constants=lambda name: None, hint: str = '',
+               abstract: Mapping | None = None) -> dict:
     """A torch ``state_dict`` whose keys are our flattened variable paths -> Flax variables for ``net``.
 
     Keys may carry ``prefix`` (stripped). Layouts: conv OIHW -> HWIO, Linear (out, in) -> (in, out), except the
     keys in ``tables`` (embedding tables, kept as they are); 1-D as they are. ``constants(name)`` gives the value
     a key must hold when it is a constant our code rebuilds (EDM's resample filters, DiT's position table), else
-    None; such keys are checked, not loaded. Returns {collection: tree} of numpy arrays in the dtypes ``net.init``
-    gives (float32). Every missing, unexpected or mis-shaped key and wrong constant is reported in one ValueError
-    whose summary ends with ``hint``.
+    None; such keys are checked, not loaded. ``abstract``: ``net``'s variables as ShapeDtypeStructs (default
+    :func:`abstract_variables`, for nets called like the denoisers). Returns {collection: tree} of numpy arrays in
+    the dtypes ``net.init`` gives (float32). Every missing, unexpected or mis-shaped key and wrong constant is
+    reported in one ValueError whose summary ends with ``hint``.
     """
-    expected = {k: (coll, path, leaf) for coll, tree in abstract_variables(net).items()
+    abstract = abstract_variables(net) if abstract is None else abstract
+    expected = {k: (coll, path, leaf) for coll, tree in abstract.items()
                 for k, (path, leaf) in _flat(tree).items()}
     layout = lambda name, a: a if name in tables else _to_flax_layout(a)
     torch_shape = lambda name, leaf: leaf.shape if name in tables else _torch_shape(leaf.shape)

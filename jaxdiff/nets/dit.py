@@ -33,7 +33,7 @@ import numpy as np
 from flax import linen as nn
 from jax import lax
 
-from jaxdiff.nets.layers import Init, Linear, weight_init
+from jaxdiff.nets.layers import Init, Linear, initializer
 from jaxdiff.nets.song_unet import check_labels, drop_labels
 
 Array = jax.Array
@@ -128,8 +128,7 @@ class _Table(nn.Module):
 
     @nn.compact
     def __call__(self) -> Array:
-        return self.param('weight', lambda key, shape: weight_init(key, shape, 'normal', 1, 1) * 0.02,
-                          (self.rows, self.features))
+        return self.param('weight', initializer('normal', 0.02, 1, 1), (self.rows, self.features))
 
 
 class _LabelEmbedder(nn.Module):
@@ -243,9 +242,8 @@ class _PatchEmbed(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         p, c, d = self.patch_size, x.shape[-1], self.hidden_size
-        w = self.param('weight', lambda key, shape: weight_init(key, shape, 'xavier_uniform', c * p * p, d),
-                       (p, p, c, d))
-        b = self.param('bias', nn.initializers.zeros, (d,))
+        w = self.param('weight', initializer('xavier_uniform', 1.0, c * p * p, d), (p, p, c, d))
+        b = self.param('bias', initializer('xavier_uniform', 0.0, c * p * p, d), (d,))
         y = lax.conv_general_dilated(x.astype(self.dtype), w.astype(self.dtype), (p, p), 'VALID',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b.astype(self.dtype)
         return y.reshape(y.shape[0], -1, d)

@@ -49,7 +49,7 @@ def weight_init(key: Array, shape: Sequence[int], mode: str, fan_in: int, fan_ou
                      'kaiming_normal or normal.')
 
 
-def _initializer(mode: str, gain: float, fan_in: int, fan_out: int):
+def initializer(mode: str, gain: float, fan_in: int, fan_out: int):
     """Flax initializer ``(key, shape) -> array``; a zero gain gives exact zeros without drawing."""
     def init(key, shape, dtype=jnp.float32):
         if gain == 0:
@@ -69,10 +69,10 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         fan_in, fan_out = x.shape[-1], self.out_features
-        w = self.param('weight', _initializer(self.init.mode, self.init.weight, fan_in, fan_out), (fan_in, fan_out))
+        w = self.param('weight', initializer(self.init.mode, self.init.weight, fan_in, fan_out), (fan_in, fan_out))
         x = x.astype(self.dtype) @ w.astype(self.dtype)
         if self.use_bias:
-            b = self.param('bias', _initializer(self.init.mode, self.init.bias, fan_in, fan_out), (fan_out,))
+            b = self.param('bias', initializer(self.init.mode, self.init.bias, fan_in, fan_out), (fan_out,))
             x = x + b.astype(self.dtype)
         return x
 
@@ -166,10 +166,10 @@ class Conv2d(nn.Module):
         fans = (cin * k * k, cout * k * k)
         w = b = None
         if k:
-            w = self.param('weight', _initializer(self.init.mode, self.init.weight, *fans), (k, k, cin, cout))
+            w = self.param('weight', initializer(self.init.mode, self.init.weight, *fans), (k, k, cin, cout))
             w = w.astype(self.dtype)
             if self.use_bias:
-                b = self.param('bias', _initializer(self.init.mode, self.init.bias, *fans), (cout,))
+                b = self.param('bias', initializer(self.init.mode, self.init.bias, *fans), (cout,))
         taps = self.resample_filter
         w_pad, f_pad = k // 2, (len(taps) - 1) // 2
 
