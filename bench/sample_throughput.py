@@ -44,7 +44,7 @@ def count_net_evals(solver, transform, labels, image_shape) -> int:
         return jnp.zeros_like(x)
 
     denoiser = stand_in if transform is None else transform(stand_in)
-    jax.block_until_ready(gen.generate(lambda _: denoiser, solver, labels, image_shape, {}, jnp.zeros(1, jnp.int32)))
+    jax.block_until_ready(gen.generate(lambda _: denoiser, solver, labels, image_shape, None, {}, jnp.zeros(1, jnp.int32)))
     return sum(calls)
 
 

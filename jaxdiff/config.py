@@ -27,8 +27,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample_every = 10_000         # steps between PNG sample grids from the EMA params (0 = never)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = 'digits'        # digits | fashion_mnist | npz | folder | array_record | tfds
-    c.data.path = ''                # file or folder for npz / folder / array_record / fashion_mnist ('' = Debian's)
+    c.data.source = 'digits'        # digits | fashion_mnist | npz | folder | array_record | tfds | latents
+    c.data.path = ''                # file/folder: npz, folder, array_record, latents, fashion_mnist ('' = Debian's)
     c.data.tfds_name = ''           # TFDS dataset name (source=tfds), e.g. 'cifar10'
     c.data.split = 'train'          # dataset split
     c.data.resolution = 0           # image side after padding/resizing (0 = the source's own)
@@ -86,7 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
 RANGES: dict[str, ranges.Rule] = {
     **ranges.COMMON, **ranges.DATA,
     'task': ranges.one_of('denoiser', 'noisy_classifier'), 'sample_every': ranges.at_least(0, integer=True),
-    'data.source': ranges.one_of('digits', 'fashion_mnist', 'npz', 'folder', 'array_record', 'tfds', 'gmm2d'),
+    'data.source': ranges.one_of('digits', 'fashion_mnist', 'npz', 'folder', 'array_record', 'tfds', 'gmm2d',
+                                 'latents'),
     'data.use_labels': ranges.BOOL, 'data.xflip': ranges.BOOL, 'data.shuffle_seed': ranges.SEED,
     'data.worker_count': ranges.at_least(0, integer=True),
     'model.arch': ranges.one_of('ddpmpp', 'ncsnpp', 'adm', 'dit', 'mlp'), 'model.precond': ranges.one_of('edm', 'vp', 've'),

@@ -7,6 +7,8 @@ indices; they may straddle epochs, as with EDM's InfiniteSampler) -> this host's
 P]`` of each -> load those records -> uint8 to float32 in [-1, 1] -> ``to_iter_dataset()`` [-> ``mp_prefetch`` with
 ``worker_count`` processes]. So 1 process and P processes train on the same global batches, and the iterator's
 ``get_state()`` (a small JSON dict: how many global batches were taken) resumes a run on any process count.
+Latent folders (``data.source = 'latents'``, :mod:`jaxdiff.data.latents`) follow the same order; their records are
+float latents, normalised (and, for stored posterior moments, sampled) instead of the uint8 conversion.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import grain
 import numpy as np
 
 from jaxdiff.data.gmm2d import make_gmm2d_source
+from jaxdiff.data.latents import LatentBatch, make_latent_source
 from jaxdiff.data.sources import DatasetInfo, make_source
 
 
@@ -39,7 +42,8 @@ def _mark_flags_parsed() -> None:
 
 class HostSlice:
     """Loads this host's slice of a global batch of record indices: indices (B,) -> dict(image=uint8 (b, H, W, C),
-    label (b,)), b = B / process_count; an index i >= ``size`` is record i - size mirrored (xflip)."""
+    label (b,), and any other per-record array stacked alike), b = B / process_count; an index i >= ``size`` is
+    record i - size mirrored (xflip)."""
 
     def __init__(self, source: Any, size: int, process_index: int, process_count: int):
         self.source, self.size, self.index, self.count = source, size, process_index, process_count
@@ -47,7 +51,7 @@ class HostSlice:
     def __call__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         local = len(indices) // self.count
         items = [self._item(int(i)) for i in indices[self.index * local:(self.index + 1) * local]]
-        return dict(image=np.stack([x['image'] for x in items]), label=np.asarray([x['label'] for x in items]))
+        return {key: np.stack([x[key] for x in items]) for key in items[0]}
 
     def _item(self, i: int) -> dict[str, np.ndarray]:
         return self.source[i] if i < self.size else flip_x(self.source[i - self.size])
@@ -78,8 +82,8 @@ def make_iterator(config: Any, *, global_batch_size: int, seed: int, process_ind
                   process_count: int = 1) -> tuple[grain.DatasetIterator, DatasetInfo]:
     """``config.data`` -> (endless iterator of this host's share of each global batch, DatasetInfo).
 
-    Yields dict(image=float32 (global_batch_size // process_count, R, R, C) in [-1, 1] (gmm2d: (.., 1, 1, 2) points),
-    label=int32 (same,)).
+    Yields dict(image=float32 (global_batch_size // process_count, R, R, C) in [-1, 1] (gmm2d: (.., 1, 1, 2) points;
+    latents: normalised (.., h, h, c) latents), label=int32 (same,)).
     The global batches depend only on the seed (``config.shuffle_seed``, or ``seed`` when it is -1) and the data;
     the host takes its slice. ``iterator.get_state()`` / ``set_state(state)`` save and resume the position (JSON-
     serialisable, the same on every host, valid for any process count).
@@ -89,6 +93,12 @@ def make_iterator(config: Any, *, global_batch_size: int, seed: int, process_ind
         source, info = make_gmm2d_source(data_seed(config, seed))
         dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),
                                process_index=process_index, process_count=process_count)
+    elif config.source == 'latents':
+        source, info, space = make_latent_source(config)
+        dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),
+                               process_index=process_index, process_count=process_count)
+        dataset = dataset.random_map(LatentBatch(space, process_index, process_count, info.num_classes > 0),
+                                     seed=data_seed(config, seed))
     else:
         source, info = make_source(config)
         dataset = host_batches(source, global_batch_size=global_batch_size, seed=data_seed(config, seed),

@@ -87,9 +87,8 @@ def sample_digits(model, num_samples: int, build: Callable, batch_size: int, sol
         return sample_array(model, num_samples, build=build, batch_size=batch_size, num_steps=num_steps)
     name, _ = DISCRETE[solver]
     fn = options.make_solver(name, options.resolve_solver(name, {'num_steps': DDPM_STEPS}, model.sigma_range))
-    shape = (model.resolution, model.resolution, model.channels)
-    gen = make_generator(lambda v: build(model.denoiser(v)), fn, Labels('none', (), model.label_dim), shape,
-                         local_mesh())
+    gen = make_generator(lambda v: build(model.denoiser(v)), fn, Labels('none', (), model.label_dim),
+                         model.solver_shape, local_mesh(), model.decode)
     batch = min(batch_size, num_samples)
     out = [np.asarray(gen(model.variables, jnp.arange(i, i + batch, dtype=jnp.int32))[0])[:num_samples - i]
            for i in range(0, num_samples, batch)]

@@ -18,6 +18,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Mapping
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from jaxdiff.nets.autoencoder_kl import AutoencoderKL
 from jaxdiff.nets.convert import from_torch, to_torch
 from jaxdiff.nets.safe_unpickle import safe_load
 
@@ -149,3 +151,34 @@ def to_diffusers(variables: Mapping) -> dict[str, np.ndarray]:
     ``torch.from_numpy``), and ``safetensors.numpy.save_file`` writes it as diffusion_pytorch_model.safetensors.
     """
     return to_torch({'params': variables['params']})
+
+
+# diffusers config.json keys that are AutoencoderKL fields of the same name.
+_CONFIG_FIELDS = ('in_channels', 'out_channels', 'latent_channels', 'block_out_channels', 'layers_per_block',
+                  'norm_num_groups', 'mid_block_add_attention', 'use_quant_conv', 'use_post_quant_conv')
+WEIGHT_FILES = ('diffusion_pytorch_model.safetensors', 'diffusion_pytorch_model.bin')
+
+
+def load_diffusers_folder(folder: str) -> tuple[AutoencoderKL, dict, dict]:
+    """A diffusers VAE folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or ``.bin``, e.g. the
+    ``vae/`` of a Stable Diffusion repository) -> (AutoencoderKL, {'params': tree}, its config.json dict).
+    Raises FileNotFoundError / ValueError (one line) for a folder that is not one."""
+    try:
+        with open(os.path.join(folder, 'config.json')) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f'{folder} has no readable config.json ({e}); pass a diffusers AutoencoderKL '
+                                'folder') from None
+    if config.get('_class_name') != 'AutoencoderKL':
+        raise ValueError(f'{folder}/config.json describes a {config.get("_class_name")!r}, not an AutoencoderKL')
+    blocks = set(config.get('down_block_types', ['DownEncoderBlock2D'])) | set(
+        config.get('up_block_types', ['UpDecoderBlock2D']))
+    if blocks - {'DownEncoderBlock2D', 'UpDecoderBlock2D'}:
+        raise ValueError(f'{folder}: block types {sorted(blocks)}; jaxdiff builds DownEncoderBlock2D / '
+                         'UpDecoderBlock2D autoencoders only')
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in _CONFIG_FIELDS}
+    net = AutoencoderKL(**kwargs)
+    weights = next((os.path.join(folder, w) for w in WEIGHT_FILES if os.path.isfile(os.path.join(folder, w))), None)
+    if weights is None:
+        raise FileNotFoundError(f'{folder} has none of {", ".join(WEIGHT_FILES)}')
+    return net, from_diffusers(read_state_dict(weights), net), config

@@ -79,10 +79,11 @@ def to_uint8(x: jax.Array) -> jax.Array:
 
 
 def generate(denoiser: Callable, solver: Callable, labels: Labels, image_shape: tuple[int, int, int],
-             variables: dict, seeds: jax.Array) -> tuple[jax.Array, jax.Array]:
+             decode: Optional[Callable], variables: dict, seeds: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(images uint8 (B, H, W, C), labels int32 (B,)) for seeds int32 (B,).
 
-    denoiser: variables -> D; solver: (D, latents, per-sample keys, cond) -> x0 (see :mod:`.options`).
+    denoiser: variables -> D; solver: (D, latents, per-sample keys, cond) -> x0 (see :mod:`.options`);
+    image_shape: the solver's (H, W, C); decode: None, or (variables, x0) -> images in [-1, 1] (a latent model).
     """
     keys = jax.vmap(seed_key)(seeds)
     latents = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), image_shape, jnp.float32))(keys)
@@ -90,6 +91,8 @@ def generate(denoiser: Callable, solver: Callable, labels: Labels, image_shape: 
     label = jax.vmap(lambda s: seed_label(s, labels))(seeds)
     cond = jax.nn.one_hot(label, labels.num_classes, dtype=jnp.float32) if labels.num_classes else None
     images = solver(denoiser(variables), latents, noise_keys, cond)
+    if decode is not None:
+        images = decode(variables, images)
     return to_uint8(images), label
 
 
@@ -99,11 +102,12 @@ def local_mesh() -> Mesh:
 
 
 def make_generator(denoiser: Callable, solver: Callable, labels: Labels, image_shape: tuple[int, int, int],
-                   mesh: Mesh) -> Callable:
-    """Jitted ``fn(variables, seeds int32 (B,)) -> (uint8 (B,H,W,C), int32 (B,))``, B sharded over the mesh."""
+                   mesh: Mesh, decode: Optional[Callable] = None) -> Callable:
+    """Jitted ``fn(variables, seeds int32 (B,)) -> (uint8 (B,H,W,C), int32 (B,))``, B sharded over the mesh;
+    image_shape is the solver's space, ``decode`` (a latent model's) maps its result to images."""
     batch = NamedSharding(mesh, P('data'))
     replicated = NamedSharding(mesh, P())
-    fn = functools.partial(generate, denoiser, solver, labels, tuple(image_shape))
+    fn = functools.partial(generate, denoiser, solver, labels, tuple(image_shape), decode)
     return jax.jit(fn, in_shardings=(replicated, batch), out_shardings=(batch, batch))
 
 
@@ -118,8 +122,8 @@ def sample_array(model, num_samples: int, *, build: Callable = lambda d: d, labe
     from jaxdiff.sampling import options
     solver = options.make_solver('edm', options.resolve_solver('edm', {'num_steps': num_steps}, model.sigma_range))
     labels = labels or Labels('none', (), model.label_dim)
-    shape = (model.resolution, model.resolution, model.channels)
-    fn = make_generator(lambda v: build(model.denoiser(v)), solver, labels, shape, local_mesh())
+    fn = make_generator(lambda v: build(model.denoiser(v)), solver, labels, model.solver_shape, local_mesh(),
+                        model.decode)
     variables = model.variables if variables is None else variables
     batch = min(batch_size, num_samples)
     out = []

@@ -8,7 +8,9 @@
 
 Both give the denoiser ``D(x (B,H,W,C), sigma, class_labels (B, label_dim) or None)`` through
 ``Model.denoiser(variables)``, and the noise range the preconditioning supports (EDM's generate.py clips the
-sampler's sigma_min / sigma_max to it).
+sampler's sigma_min / sigma_max to it). A run trained on a latent folder (``data.source = 'latents'``) samples in
+its latent space and decodes through the autoencoder the folder names: its variables are {'model': the net's,
+'autoencoder': the decoder's}, ``latent_shape`` is where the solver works and ``decode`` makes the images.
 """
 from __future__ import annotations
 
@@ -26,6 +28,8 @@ class Model(NamedTuple):
     denoiser: variables -> D(x (B,H,W,C), sigma () or (B,), class_labels (B, label_dim) or None) (jittable).
     sigma_range: (sigma_min, sigma_max) the preconditioning supports.
     description: JSON-able provenance (kind, path, step or source sha256), stored in sample manifests.
+    resolution, channels: the images it makes. latent_shape: (h, w, c) of a latent model's solver space (None:
+    it samples images directly); decode: (variables, x (B, h, w, c)) -> images (B, H, W, C) in [-1, 1].
     """
     net: Any
     variables: dict
@@ -35,6 +39,13 @@ class Model(NamedTuple):
     label_dim: int
     sigma_range: tuple[float, float]
     description: dict
+    latent_shape: Optional[tuple[int, int, int]] = None
+    decode: Optional[Callable[[dict, Any], Any]] = None
+
+    @property
+    def solver_shape(self) -> tuple[int, int, int]:
+        """(H, W, C) of the space the solver integrates in: the latents' for a latent model, else the images'."""
+        return self.latent_shape or (self.resolution, self.resolution, self.channels)
 
 def load_model(path: str, *, use_ema: bool = True, step: Optional[int] = None) -> Model:
     """A run directory of train.py or a converted EDM checkpoint folder -> Model (see the module docstring).
@@ -61,9 +72,18 @@ def _run(workdir: str, use_ema: bool, step: Optional[int]) -> Model:
     config, net = run.config, run.net
     description = dict(kind='train_run', path=os.path.abspath(workdir), step=run.step,
                        params='ema' if use_ema else 'raw', arch=config.model.arch, precond=config.model.precond)
-    return Model(net=net, variables=run.variables, denoiser=lambda v: denoiser_fn(config, net, v),
-                 resolution=run.info.resolution, channels=run.info.channels, label_dim=net.label_dim,
-                 sigma_range=sigma_range(config), description=description)
+    if config.data.source != 'latents':
+        return Model(net=net, variables=run.variables, denoiser=lambda v: denoiser_fn(config, net, v),
+                     resolution=run.info.resolution, channels=run.info.channels, label_dim=net.label_dim,
+                     sigma_range=sigma_range(config), description=description)
+    from jaxdiff.autoencoders import latent_decoder
+    decoder = latent_decoder(config.data.path)
+    height, _, channels = decoder.image_shape
+    return Model(net=net, variables={'model': run.variables, 'autoencoder': decoder.variables},
+                 denoiser=lambda v: denoiser_fn(config, net, v['model']), resolution=height, channels=channels,
+                 label_dim=net.label_dim, sigma_range=sigma_range(config),
+                 description=dict(description, latent=decoder.description), latent_shape=decoder.shape,
+                 decode=lambda v, x: decoder.decode(v['autoencoder'], x))
 
 # Reference preconditioning classes -> (jaxdiff binder, the constants it takes from the pickle's attributes).
 _PRECONDS = {

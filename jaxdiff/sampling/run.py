@@ -50,7 +50,7 @@ def sample(model: Model, out_dir: str, *, first: int, end: int, batch_size: int 
     resolved = options.resolve_solver(solver, solver_options or {}, model.sigma_range)
     image_shape = (model.resolution, model.resolution, model.channels)
     transform, described = options.make_transform(transforms, model.label_dim, solver, resolved, model.sigma_range,
-                                                  image_shape)
+                                                  model.solver_shape)
     plan = shards.Plan(first, end, shard_size)
     record = shards.plan_record(plan, image_shape=list(image_shape), labels=labels.describe(),
                                 model=model.description, solver=dict(name=solver, **_jsonable(resolved)),
@@ -77,17 +77,18 @@ def sample(model: Model, out_dir: str, *, first: int, end: int, batch_size: int 
             f'({solver}, batch {batch_size} on {devices} device(s))')
         if todo:
             _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels,
-                             image_shape, array_record, Progress(f'{prefix}sampled', total, log, progress_every_s))
+                             array_record, Progress(f'{prefix}sampled', total, log, progress_every_s))
         _finish(out_dir, plan, record, primary)
         return record
 
 
-def _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels, image_shape,
-                     array_record, progress) -> None:
+def _generate_shards(model, out_dir, plan, todo, batch_size, resolved, solver, transform, labels, array_record,
+                     progress) -> None:
     mesh = gen.local_mesh()
     base = model.denoiser
     denoiser = base if transform is None else (lambda v: transform(base(v)))
-    fn = gen.make_generator(denoiser, options.make_solver(solver, resolved), labels, image_shape, mesh)
+    fn = gen.make_generator(denoiser, options.make_solver(solver, resolved), labels, model.solver_shape, mesh,
+                            model.decode)
     variables = jax.device_put(model.variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     stream = np.concatenate([plan.seeds(k) for k in todo])
     # Pending rows of the shard being filled: shards of `todo` fill in order, as the stream runs through them.

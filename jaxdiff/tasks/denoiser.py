@@ -214,15 +214,22 @@ def setup(loss_fn: LossFn, sample_grids: bool, config, workdir: str, mesh: Mesh,
 
 
 def sample_callback(config, workdir, mesh, keys, net, info, init, outputs: dict) -> Callback:
-    """Every ``sample_every`` steps (and at the end): a PNG grid of the EMA params' samples."""
+    """Every ``sample_every`` steps (and at the end): a PNG grid of the EMA params' samples (decoded to images
+    for a run on latents)."""
     shardings = parallel.fsdp_shardings(mesh, jax.eval_shape(init, keys.init))
     variables_shardings = {'params': shardings.params}
     if shardings.buffers:
         variables_shardings['buffers'] = shardings.buffers
     sampler = sample_grid.make_sampler(config, net, info, mesh, variables_shardings)
+    decode = None
+    if config.data.source == 'latents':  # show images: decode through the latents' autoencoder
+        from jaxdiff.autoencoders import latent_decoder
+        decoder = latent_decoder(config.data.path)
+        decode = jax.jit(functools.partial(decoder.decode, decoder.variables))
 
     def write_samples(step: int, state: TrainState) -> None:
-        samples = np.asarray(jax.device_get(sampler(state.variables(state.ema), keys.extra)))
+        samples = sampler(state.variables(state.ema), keys.extra)
+        samples = np.asarray(jax.device_get(samples if decode is None else decode(samples)))
         path = os.path.join(workdir, 'samples', f'step_{step:07d}.png')
         if jax.process_index() == 0:
             sample_grid.save_samples(samples, path, net.label_dim)
