@@ -159,9 +159,11 @@ def legacy_save(obj):
 
 
 def tensors(state_dict, prefix=''):
-    """{prefix + key: Tensor} for a numpy state dict, each tensor on its own storage (as torch.save writes one)."""
-    return {prefix + k: Tensor(np.ascontiguousarray(v), storage=Storage(np.ascontiguousarray(v), key=prefix + k))
-            for k, v in state_dict.items()}
+    """{prefix + key: Tensor} (an OrderedDict, as torch pickles a state dict) for a numpy state dict, each tensor on
+    its own storage (as torch.save writes one)."""
+    return collections.OrderedDict(
+        (prefix + k, Tensor(np.ascontiguousarray(v), storage=Storage(np.ascontiguousarray(v), key=str(i))))
+        for i, (k, v) in enumerate(state_dict.items()))
 
 
 def torch_zip(obj, path):

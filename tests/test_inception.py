@@ -4,16 +4,14 @@ No torch: the weights file is written in torch.save's zip and legacy formats by 
 pytorch-fid itself (torch features on the same random weights) was checked by hand, as the module docstring says;
 the constants below that come from torch say how they were obtained.
 """
-import collections
 import math
-import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from edm_pickle_writer import Global, Storage, Tensor, dumps, legacy_save
+from edm_pickle_writer import Global, dumps, legacy_save, tensors, torch_zip
 from jaxdiff.metrics.inception import (WEIGHTS_FILE, FIDInceptionV3, from_torch_state_dict, inception_features,
                                        load_fid_inception, preprocess, to_torch_state_dict)
 from jaxdiff.nets.safe_unpickle import UnsafePickleError
@@ -84,26 +82,14 @@ def test_size_and_keys_match_pytorch_fid(abstract):
     assert {k: sd[k].shape for k in TORCH_SHAPES} == TORCH_SHAPES
 
 
-def torch_tensors(state_dict):
-    """{key: array} -> {key: torch tensor}, one storage per tensor, as torch.save pickles a state dict."""
-    return collections.OrderedDict(
-        (k, Tensor(v, storage=Storage(v, key=str(i)))) for i, (k, v) in enumerate(state_dict.items()))
-
-
 def write_torch_legacy(path, state_dict):
     """torch.save(state_dict, path, _use_new_zipfile_serialization=False), the format of pytorch-fid's file."""
-    path.write_bytes(legacy_save(torch_tensors(state_dict)))
+    path.write_bytes(legacy_save(tensors(state_dict)))
 
 
 def write_torch_zip(path, state_dict):
     """torch.save(state_dict, path) in the zip format."""
-    tensors, storages = torch_tensors(state_dict), {}
-    data = dumps(tensors, protocol=2, storages=storages)
-    with zipfile.ZipFile(path, 'w') as zf:
-        zf.writestr('archive/data.pkl', data)
-        zf.writestr('archive/byteorder', 'little')
-        for key, flat in storages.items():
-            zf.writestr(f'archive/data/{key}', flat.tobytes())
+    torch_zip(tensors(state_dict), path)
 
 
 @pytest.mark.parametrize('write', [write_torch_zip, write_torch_legacy])

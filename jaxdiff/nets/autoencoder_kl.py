@@ -165,13 +165,14 @@ class Upsample2D(nn.Module):
         return Conv2d(self.out_channels, 3, init=_INIT, dtype=self.dtype, name='conv')(x)
 
 
-class DownEncoderBlock2D(nn.Module):
-    """``num_layers`` ResNet blocks to ``out_channels``, then (if ``add_downsample``) a Downsample2D:
-    (B, H, W, Cin) -> (B, H', W', out_channels) with H' = H // 2 when downsampling, else H."""
+class _Level(nn.Module):
+    """One level of the encoder or decoder: ``num_layers`` ResNet blocks to ``out_channels``, then an optional
+    ``resample`` module ('downsamplers' for DownEncoderBlock2D, 'upsamplers' for UpDecoderBlock2D):
+    (B, H, W, Cin) -> (B, H', W', out_channels), H' = H // 2 (down), 2H (up) or H."""
 
     out_channels: int
     num_layers: int
-    add_downsample: bool
+    resample: Optional[str] = None   # None | 'downsamplers' | 'upsamplers' (the diffusers ModuleList's name)
     norm_num_groups: int = 32
     dtype: Any = jnp.float32
 
@@ -181,30 +182,20 @@ class DownEncoderBlock2D(nn.Module):
                              self.num_layers, name='resnets')
         for resnet in resnets:
             x = resnet(x)
-        if self.add_downsample:
-            x = ModuleList(lambda i: Downsample2D(self.out_channels, self.dtype), 1, name='downsamplers')[0](x)
+        if self.resample:
+            kind = Downsample2D if self.resample == 'downsamplers' else Upsample2D
+            x = ModuleList(lambda i: kind(self.out_channels, self.dtype), 1, name=self.resample)[0](x)
         return x
 
 
-class UpDecoderBlock2D(nn.Module):
-    """``num_layers`` ResNet blocks to ``out_channels``, then (if ``add_upsample``) an Upsample2D:
-    (B, H, W, Cin) -> (B, H', W', out_channels) with H' = 2H when upsampling, else H."""
+def DownEncoderBlock2D(out_channels: int, num_layers: int, add_downsample: bool, **kwargs) -> _Level:
+    """diffusers' DownEncoderBlock2D: ResNet blocks, then (``add_downsample``) a Downsample2D (H -> H // 2)."""
+    return _Level(out_channels, num_layers, 'downsamplers' if add_downsample else None, **kwargs)
 
-    out_channels: int
-    num_layers: int
-    add_upsample: bool
-    norm_num_groups: int = 32
-    dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        resnets = ModuleList(lambda i: ResnetBlock2D(self.out_channels, self.norm_num_groups, self.dtype),
-                             self.num_layers, name='resnets')
-        for resnet in resnets:
-            x = resnet(x)
-        if self.add_upsample:
-            x = ModuleList(lambda i: Upsample2D(self.out_channels, self.dtype), 1, name='upsamplers')[0](x)
-        return x
+def UpDecoderBlock2D(out_channels: int, num_layers: int, add_upsample: bool, **kwargs) -> _Level:
+    """diffusers' UpDecoderBlock2D: ResNet blocks, then (``add_upsample``) an Upsample2D (H -> 2H)."""
+    return _Level(out_channels, num_layers, 'upsamplers' if add_upsample else None, **kwargs)
 
 
 class UNetMidBlock2D(nn.Module):
