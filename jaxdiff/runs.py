@@ -4,13 +4,14 @@
     run = load_run(workdir, use_ema=False, step=2000)
     run = load_run(workdir, checkpoint='best')               # adversarial runs: the keep-best checkpoint (best/)
 
-The task (``config.task``: 'denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec' or
-'feature_classifier') picks the network builder and the variables' layout: {'params'[, 'buffers']} for the
-diffusion nets and the noisy classifier, {'params', 'batch_stats'} for the adversarially trained classifiers (flax
+The task (``config.task``: 'denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'feature_classifier'
+or 'autoencoder') picks the network builder and the variables' layout: {'params'[, 'buffers']} for the diffusion
+nets and the noisy classifier, {'params', 'batch_stats'} for the adversarially trained classifiers (flax
 BatchNorm), {'params'} (no EMA) for the watermark codec and the metrics' feature classifiers (SmallCNN: x (B, H, W,
-C) in [-1, 1] -> features, logits). A saved config in older field names is read in today's (the task's
-``upgrade``). sample.py, the evaluators, guidance, fine-tuning and watermark embedding load runs through this one
-function.
+C) in [-1, 1] -> features, logits), {'params'} for the autoencoder (AutoencoderKL: ``encode`` / ``decode``; the
+EMA weights when the run kept an EMA, else the params). A saved config in older field names is read in today's
+(the task's ``upgrade``). sample.py, the evaluators, guidance, fine-tuning and watermark embedding load runs
+through this one function.
 A finished trigger run ('trigger') loads as the denoiser run it exported (``RUN/denoiser``: K + 1 classes, the
 fine-tuned weights).
 """
@@ -25,7 +26,8 @@ from jaxdiff.tasks import registry
 from jaxdiff.tasks.adversarial import BEST_DIR
 
 LEGACY_CODEC_FILE = 'checkpoint.msgpack'  # the watermark codec's checkpoint before the engine
-TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger', 'feature_classifier')
+TASKS = ('denoiser', 'noisy_classifier', 'adversarial', 'watermark_codec', 'trigger', 'feature_classifier',
+         'autoencoder')
 TRIGGER_DENOISER_DIR = 'denoiser'  # a finished trigger run's model as a denoiser run (jaxdiff.tasks.trigger)
 
 def wrong_kind(workdir: str, task: str, want: str) -> str:
@@ -102,6 +104,9 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
     elif task == 'feature_classifier':  # the metrics' SmallCNN (no EMA)
         from jaxdiff.metrics import feature_classifier as fc
         net, variables = fc.network(fc.classifier_spec(config.classifier)), {'params': weights}
+    elif task == 'autoencoder':  # AutoencoderKL; weights: the EMA only when the run kept one (ema.halflife_img)
+        from jaxdiff.tasks.autoencoder import build_net as build_autoencoder
+        net, variables = build_autoencoder(config, info), {'params': weights}
     else:
         from jaxdiff.nets.from_config import build_net
         net, variables = build_net(config, info), {'params': weights}
@@ -117,7 +122,7 @@ def _dataset_info(workdir: str, config):
     info = ckpt.read_dataset_info(workdir)
     if info is not None:
         return info
-    if registry.task_name(config) in ('adversarial', 'watermark_codec', 'feature_classifier'):
+    if registry.task_name(config) in ('adversarial', 'watermark_codec', 'feature_classifier', 'autoencoder'):
         raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}: the run never started training or '
                                 'predates that file; train it (again) with train.py')
     from jaxdiff.tasks.denoiser import make_data

@@ -12,7 +12,7 @@ from jaxdiff.tasks import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = {'diffusion': 'denoiser', 'classifier': ('noisy_classifier', 'feature_classifier'), 'robust': 'adversarial',
-            'watermark': ('watermark_codec', 'trigger')}
+            'watermark': ('watermark_codec', 'trigger'), 'autoencoder': 'autoencoder'}
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, 'configs', '*', '*.py')))
 
 

@@ -107,13 +107,22 @@ def to_unit(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 127.5 - 1
 
 
-def _to_native(images: jax.Array, resolution: int, channels: int) -> jax.Array:
-    """uint8 (B, S, S, channels) -> uint8-valued float32 (B, resolution, resolution, channels).
+def native_side(x: jax.Array, resolution: int) -> jax.Array:
+    """Images (B, S, S, C), any float dtype -> (B, resolution, resolution, C), undoing
+    :func:`jaxdiff.data.sources.fit_resolution`: a side that is an integer multiple of ``resolution`` was
+    nearest-upsampled, so it is average-pooled back (exactly, for replicated pixels); any other larger side was
+    zero-padded to the centre, so the centre is cropped with the same offsets. Differentiable."""
+    b, side, _, c = x.shape
+    if side % resolution == 0:
+        factor = side // resolution
+        return x.reshape(b, resolution, factor, resolution, factor, c).mean(axis=(2, 4))
+    start = (side - resolution) // 2
+    return x[:, start:start + resolution, start:start + resolution]
 
-    Undoes :func:`jaxdiff.data.sources.fit_resolution`: a side that is an integer multiple of ``resolution``
-    was nearest-upsampled, so it is average-pooled back (exactly, for replicated pixels); any other larger side
-    was zero-padded to the centre, so the centre is cropped with the same offsets.
-    """
+
+def _to_native(images: jax.Array, resolution: int, channels: int) -> jax.Array:
+    """uint8 (B, S, S, channels) -> uint8-valued float32 (B, resolution, resolution, channels) by
+    :func:`native_side`; ValueError naming the expected shape for anything else."""
     shape = tuple(images.shape)
     expected = f'uint8 (B, {resolution}, {resolution}, {channels}) images (or sides that pad or upsample {resolution})'
     if images.dtype != jnp.uint8 or len(shape) != 4:
@@ -123,12 +132,7 @@ def _to_native(images: jax.Array, resolution: int, channels: int) -> jax.Array:
         raise ValueError(f'feature classifier needs {channels}-channel images, got {shape[3]} channels ({expected})')
     if shape[2] != side or side < resolution:
         raise ValueError(f'feature classifier needs {expected}, got {side}x{shape[2]} images')
-    x = images.astype(jnp.float32)
-    if side % resolution == 0:
-        factor = side // resolution
-        return x.reshape(shape[0], resolution, factor, resolution, factor, channels).mean(axis=(2, 4))
-    start = (side - resolution) // 2
-    return x[:, start:start + resolution, start:start + resolution]
+    return native_side(images.astype(jnp.float32), resolution)
 
 
 @functools.partial(jax.jit, static_argnames=('module', 'resolution', 'channels'))

@@ -17,6 +17,7 @@ TASKS = {
     'watermark_codec': 'jaxdiff.tasks.watermark_codec',        # watermark encoder / decoder (Zhao et al. 2023)
     'trigger': 'jaxdiff.tasks.trigger',                        # trigger fine-tuning of a conditional denoiser
     'feature_classifier': 'jaxdiff.tasks.feature_classifier',  # the metrics' digits / Fashion-MNIST classifiers
+    'autoencoder': 'jaxdiff.tasks.autoencoder',                # Stable Diffusion's KL autoencoder (LDM's loss)
 }
 
 
