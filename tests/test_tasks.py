@@ -69,7 +69,9 @@ def test_task_resumes_bitwise_after_a_crash(name, eight_devices, tiny_runs, tiny
 
 # Largest |8 devices - 1 device| over the final state. The trigger's L1 term pulls each weight by lr * sign(theta -
 # theta_frozen): where theta sits at theta_frozen, float noise flips the sign and moves the weight by ~lr (1e-4).
-TOLERANCE = dict(trigger=1e-3)
+# The autoencoder's attention key bias adds q.b_k to a whole softmax row, so its true gradient is exactly 0 and Adam
+# turns the float noise into steps of ~lr (1e-3): 3.7e-3 there after 20 steps, < 7e-5 in every other leaf.
+TOLERANCE = dict(trigger=1e-3, autoencoder=1e-2)
 
 
 @pytest.mark.parametrize('name', TASKS)
