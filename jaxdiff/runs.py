@@ -105,7 +105,7 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
         from jaxdiff.metrics import feature_classifier as fc
         net, variables = fc.network(fc.classifier_spec(config.classifier)), {'params': weights}
     elif task == 'autoencoder':  # AutoencoderKL; weights: the EMA only when the run kept one (ema.halflife_img)
-        from jaxdiff.tasks.autoencoder import build_net as build_autoencoder
+        from jaxdiff.nets.from_config import build_autoencoder
         net, variables = build_autoencoder(config, info), {'params': weights}
     else:
         from jaxdiff.nets.from_config import build_net
@@ -125,5 +125,5 @@ def _dataset_info(workdir: str, config):
     if registry.task_name(config) in ('adversarial', 'watermark_codec', 'feature_classifier', 'autoencoder'):
         raise FileNotFoundError(f'{workdir} has no {ckpt.INFO_FILE}: the run never started training or '
                                 'predates that file; train it (again) with train.py')
-    from jaxdiff.tasks.denoiser import make_data
-    return make_data(config)[1]
+    from jaxdiff.data.pipeline import make_iterator  # not tasks.denoiser: tasks load runs (latent decoders)
+    return make_iterator(config.data, global_batch_size=config.batch_size, seed=config.seed)[1]

@@ -14,6 +14,7 @@ import pytest
 from jaxdiff import runs
 from jaxdiff.data.sources import DatasetInfo
 from jaxdiff.engine import checkpoint as ckpt
+from jaxdiff.nets.from_config import build_autoencoder
 from jaxdiff.nets.autoencoder_kl import AutoencoderKL
 from jaxdiff.nets.classifier import SmallCNN
 from jaxdiff.tasks import autoencoder as ae
@@ -76,7 +77,7 @@ def test_adaptive_weight_and_gradients_equal_plain_autodiff():
     """The step's one-pullback gradients and its adaptive weight against jax.grad of each loss over all params."""
     config = tiny_config(disc_start=5, disc_num_layers=1, disc_channels=4, disc_weight=0.5, kl_weight=0.1)
     config.model.block_out_channels = (8,)
-    vae, disc = ae.build_net(config, INFO), ae.NLayerDiscriminator(4, 1)
+    vae, disc = build_autoencoder(config, INFO), ae.NLayerDiscriminator(4, 1)
     parts = ae.Parts(vae, disc, None)
     state = jax.jit(lambda k: ae.init_state(config, parts, INFO, k))(jax.random.key(1))
     state = dict(state, logvar=jnp.float32(-0.4), step=jnp.int32(5))

@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from jaxdiff import precond
 from jaxdiff.denoiser import Denoiser
-from jaxdiff.nets import DhariwalUNet, DiT, SongUNet
+from jaxdiff.nets import AutoencoderKL, DhariwalUNet, DiT, SongUNet
 from jaxdiff.nets.mlp import MLP
 from jaxdiff.nets.noisy_classifier import NoisyClassifier
 
@@ -129,3 +129,14 @@ def denoiser_fn(config, net: nn.Module, variables: dict, *, train: bool = False,
     extra = dict(sigma_data=config.model.sigma_data) if config.model.precond == 'edm' else {}
     return make(net, variables, label_dim=net.label_dim, augment_labels=augment_labels, train=train, rngs=rngs,
                 **extra)
+
+
+def build_autoencoder(config, info) -> AutoencoderKL:
+    """The AutoencoderKL of an autoencoder run's ``config.model`` for images of ``info.channels`` channels (in and
+    out); the task ``autoencoder`` trains it, :func:`jaxdiff.runs.load_run` rebuilds it."""
+    m = config.model
+    return AutoencoderKL(in_channels=info.channels, out_channels=info.channels, latent_channels=m.latent_channels,
+                         block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
+                         norm_num_groups=m.norm_num_groups, mid_block_add_attention=m.mid_block_add_attention,
+                         use_quant_conv=m.use_quant_conv, use_post_quant_conv=m.use_post_quant_conv,
+                         dtype=jnp.dtype(m.dtype))

@@ -60,6 +60,7 @@ from jaxdiff.engine.optim import learning_rate, make_optimizer
 from jaxdiff.engine.task import Callback, RunKeys, Setup, Task
 from jaxdiff.metrics import feature_classifier as fc
 from jaxdiff.nets.autoencoder_kl import AutoencoderKL
+from jaxdiff.nets.from_config import build_autoencoder
 from jaxdiff.nets.patch_discriminator import NLayerDiscriminator
 from jaxdiff.tasks import sample_grid
 from jaxdiff.tasks.watermark_codec import per_sample_psnr
@@ -191,16 +192,6 @@ def check(config) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- networks
-
-def build_net(config, info) -> AutoencoderKL:
-    """The AutoencoderKL of ``config.model`` for images of ``info.channels`` channels (in and out)."""
-    m = config.model
-    return AutoencoderKL(in_channels=info.channels, out_channels=info.channels, latent_channels=m.latent_channels,
-                         block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
-                         norm_num_groups=m.norm_num_groups, mid_block_add_attention=m.mid_block_add_attention,
-                         use_quant_conv=m.use_quant_conv, use_post_quant_conv=m.use_post_quant_conv,
-                         dtype=jnp.dtype(m.dtype))
-
 
 # ----------------------------------------------------------------------------------------------- loss terms
 
@@ -502,7 +493,7 @@ def setup(config, workdir: str, mesh, keys: RunKeys) -> Setup:
     if config.loss.perceptual_weight > 0:
         perceptual = load_perceptual(config.loss.perceptual_run, info.channels, info.resolution)
     disc = NLayerDiscriminator(config.loss.disc_channels, config.loss.disc_num_layers) if gan_enabled(config) else None
-    parts = Parts(build_net(config, info), disc, perceptual)
+    parts = Parts(build_autoencoder(config, info), disc, perceptual)
     count = max(config.eval.num_images, config.sampling.num_images if config.sample_every else 0)
     images, what = fixed_images(config, count) if count else (None, '')
     reconstruct = make_reconstruct(parts.vae, config.batch_size)
