@@ -1,4 +1,6 @@
-"""Convert NVlabs/EDM torch checkpoints to jaxdiff Flax variables, and back.
+"""Convert NVlabs/EDM torch checkpoints to jaxdiff Flax variables, and back. :func:`from_torch` / :func:`to_torch`
+are the one key-by-key mapping (layouts, embedding tables, checked constants, one mismatch error) that the EDM, DiT
+(:mod:`.convert_dit`) and AutoencoderKL (:mod:`.convert_autoencoder`) converters share.
 
 Names map 1:1 (see ``jaxdiff/nets/__init__.py``): a Flax path joined with '.' is the torch ``state_dict`` key.
 Layouts: conv weight torch OIHW <-> Flax HWIO, linear weight torch (out, in) <-> Flax (in, out), 1-D tensors as
