@@ -3,7 +3,7 @@
     python sample.py --workdir RUN_DIR --out OUT_DIR --num_samples N [--seeds A-B] [--batch_size B]
         [--shard_size S] [--class_balanced | --labels L[,L...]] [--solver edm --num_steps 18 --S_churn 0 ...]
         [--guidance W | --guidance cfg:weight=W,schedule=linear ...] [--use_ema=true] [--step STEP]
-        [--grid grid.png] [--array_record] [--filter_top P --filter_classifier NAME]
+        [--grid grid.png] [--array_record] [--filter_memorized L] [--filter_top P --filter_classifier NAME]
         [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 --guidance NAME:key=value reaches every transform of jaxdiff.transforms.registry (listed by --helpfull).
@@ -11,7 +11,11 @@
 checkpoint). Sample i uses seed i alone: the same bytes whatever --batch_size, device count or host count. Output:
 OUT_DIR/shard-XXXXX.npz (images uint8 NHWC, labels int32, seeds int64) and OUT_DIR/manifest.json. Every option of
 every solver in jaxdiff.solvers is a flag (listed by --helpfull); settings can also come from a file with
---flagfile. Errors end with one line on stderr and exit code 1 (2 for command-line errors).
+--flagfile. --filter_memorized L (a train.py run only) then drops every sample whose normalised distance to the
+run's training images (Carlini et al.'s l, as eval.memorization computes it) is below L, and --filter_top keeps the
+best P of each class of the rest: the result goes to OUT/unmemorized, OUT/topX or OUT/unmemorized_topX, with a
+manifest of what each filter removed. Errors end with one line on stderr and exit code 1 (2 for command-line
+errors).
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step of a train.py run (d
 _GRID = flags.DEFINE_string('grid', None, 'Also write a PNG grid of the first (up to 100) samples here.')
 _RECORD = flags.DEFINE_bool('array_record', False, 'Also write array_record shards (OUT/records/) for grain.')
 _TOP = flags.DEFINE_float('filter_top', None, 'Keep the top P (0..1] per class by the classifier into OUT/topX.')
+_MEMORIZED = flags.DEFINE_float('filter_memorized', None, 'Drop samples with normalised distance l < L to the '
+                                'run\'s training images (Carlini et al.: 1) into OUT/unmemorized[_topX].')
 _CLASSIFIER = flags.DEFINE_string('filter_classifier', 'digits_classifier', 'Classifier scoring p(class | image) '
                                   'for --filter_top (a jaxdiff.metrics.feature_classifier name).')
 _COORD = flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
@@ -76,6 +82,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail('--out is required (the folder for the sample shards)', 2)
     if _TOP.value is not None and not 0 < _TOP.value <= 1:
         _fail(f'--filter_top={_TOP.value} must lie in (0, 1]: the fraction of each class kept', 2)
+    if _MEMORIZED.value is not None and not _MEMORIZED.value > 0:
+        _fail(f'--filter_memorized={_MEMORIZED.value} must be positive (Carlini et al.\'s threshold on l is 1)', 2)
     return rest
 
 
@@ -117,6 +125,14 @@ def main(argv: list[str]) -> None:
         options.check_flags(_SOLVER.value, solver_options, _GUIDANCE.value)
     except ValueError as e:
         _fail(str(e), 2)
+    memorized = None
+    if _MEMORIZED.value is not None:  # the training images are read before sampling: a bad run fails first
+        from jaxdiff.evaluation.memorization import memorization_check, run_training_data
+        from jaxdiff.runs import load_config
+        try:
+            memorized = memorization_check(run_training_data(load_config(_WORKDIR.value).data), _MEMORIZED.value)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(f'--filter_memorized needs the training images of a train.py run: {e}', 2)
     try:
         parallel.initialize(_COORD.value, _NPROC.value, _PID.value)
         import jax
@@ -132,9 +148,9 @@ def main(argv: list[str]) -> None:
                   flush=True)
             if _GRID.value:
                 print(f'grid: {write_grid(_OUT.value, _GRID.value)}', flush=True)
-            if _TOP.value is not None:
+            if _TOP.value is not None or memorized is not None:
                 from jaxdiff.sampling.filter import filter_folder
-                filter_folder(_OUT.value, _TOP.value, _CLASSIFIER.value, shard_size=_SHARD.value)
+                filter_folder(_OUT.value, _TOP.value, _CLASSIFIER.value, memorized=memorized, shard_size=_SHARD.value)
     except UsageError as e:  # a flag the loaded model cannot take
         _fail(str(e), 2)
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, CheckpointError,

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.tfds_name = ''           # TFDS dataset name (source=tfds), e.g. 'cifar10'
     c.data.split = 'train'          # dataset split
     c.data.resolution = 0           # image side after padding/resizing (0 = the source's own)
+    c.data.max_size = 0             # train on a seeded random subset of this many images (0 = all; EDM's max_size)
     c.data.use_labels = True        # feed class labels (class-conditional training)
     c.data.xflip = False            # dataset x-flips (doubles the data as in EDM's --xflip)
     c.data.shuffle_seed = -1        # data-order seed (-1 = use the top-level seed)

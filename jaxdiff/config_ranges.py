@@ -82,6 +82,7 @@ COMMON: dict[str, Rule] = {
 DATA: dict[str, Rule] = {
     'data.source': one_of('digits', 'fashion_mnist', 'npz', 'folder', 'array_record', 'tfds'),
     'data.path': TEXT, 'data.tfds_name': TEXT, 'data.split': TEXT, 'data.resolution': at_least(0, integer=True),
+    'data.max_size': at_least(0, integer=True),
 }
 
 

@@ -53,6 +53,19 @@ class Run(NamedTuple):
     workdir: str
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """The saved config.json of run ``workdir`` in today's field names (the task's ``upgrade``); one-line
+    FileNotFoundError / ValueError for a missing directory or a task jaxdiff does not load."""
+    from jaxdiff.engine import checkpoint as ckpt
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
+    saved = ckpt.read_config(workdir)
+    task = registry.task_name(saved)
+    if task not in TASKS:
+        raise ValueError(f'{workdir} is a {task!r} run; jaxdiff loads runs of the tasks {", ".join(TASKS)}')
+    return ml_collections.ConfigDict(registry.get(task).upgrade(saved))  # older field names -> today's
+
+
 def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, checkpoint: str = 'latest',
              want: Optional[str] = None) -> Run:
     """config.json + dataset_info.json + a checkpoint of a train.py run -> :class:`Run`, for every task.
@@ -64,13 +77,8 @@ def load_run(workdir: str, *, use_ema: bool = True, step: Optional[int] = None, 
     Raises FileNotFoundError / ValueError / CheckpointError with one-line messages.
     """
     from jaxdiff.engine import checkpoint as ckpt
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f'run directory not found: {workdir!r}; pass the --workdir of a train.py run')
-    saved = ckpt.read_config(workdir)
-    task = registry.task_name(saved)
-    if task not in TASKS:
-        raise ValueError(f'{workdir} is a {task!r} run; jaxdiff loads runs of the tasks {", ".join(TASKS)}')
-    config = ml_collections.ConfigDict(registry.get(task).upgrade(saved))  # older field names -> today's
+    config = load_config(workdir)
+    task = registry.task_name(config)
     if checkpoint not in ('latest', 'best'):
         raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'best'")
     if task == 'trigger':  # a trigger run loads as the denoiser it exported when it finished

@@ -1,5 +1,9 @@
 """Shared test setup: float32 CPU JAX, deterministic keys; the environment and ports of CLI subprocess tests.
 
+The metrics' feature classifiers (``load_or_train``) are cached in one fresh folder per test process
+($JAXDIFF_CACHE, inherited by its CLI subprocesses): the digits classifier trains once per pytest worker, never in
+the user's ~/.cache, and two workers never train into one folder.
+
 One persistent XLA compilation cache serves the whole session: the pytest process and every CLI subprocess
 compile many identical programs (the tiny config's train step, sampler and loaders in a dozen modules), and a
 program's cache key is its HLO and compile options, so a hit returns the executable a fresh compile would build.
@@ -37,6 +41,9 @@ if not _CACHE:
 _CACHE_ENV = dict(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
 os.environ.update(_CACHE_ENV)  # read by jax at import, in this process and in every child
+if not os.environ.get('JAXDIFF_CACHE'):  # a test's subprocess keeps its parent's
+    os.environ['JAXDIFF_CACHE'] = tempfile.mkdtemp(prefix='jaxdiff_test_classifiers_')
+    atexit.register(shutil.rmtree, os.environ['JAXDIFF_CACHE'], ignore_errors=True)
 
 
 @pytest.fixture(scope='module')

@@ -19,16 +19,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def cache(tmp_path_factory):
-    """One classifier cache for the module (the digits classifier trains once)."""
-    path = str(tmp_path_factory.mktemp('cache'))
-    old = os.environ.get('JAXDIFF_CACHE')
-    os.environ['JAXDIFF_CACHE'] = path
-    yield path
-    if old is None:
-        os.environ.pop('JAXDIFF_CACHE')
-    else:
-        os.environ['JAXDIFF_CACHE'] = old
+def cache():
+    """The test process's classifier cache (tests/conftest.py: the digits classifier trains once per worker)."""
+    return os.environ['JAXDIFF_CACHE']
 
 
 def write_folder(folder, images, labels, first=0, shard_size=200):

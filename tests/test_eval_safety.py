@@ -80,8 +80,7 @@ def test_mixture_methods_filter_keeps_the_baseline(tmp_path, capsys):
     assert [r['method'] for r in result['rows']] == ['none', 'exact_safe_denoiser']
 
 
-def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv('JAXDIFF_CACHE', str(tmp_path_factory.mktemp('cache')))
+def test_digits_path_runs_on_a_tiny_model(run_dir, tmp_path, monkeypatch):
     # One strength per method: each strength is one compilation of the sampler, and only the wiring is checked.
     every = safety_digits.digits_methods
 

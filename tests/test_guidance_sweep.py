@@ -31,9 +31,8 @@ def test_toy_metrics_see_exact_draws_as_perfect_and_trunks_as_lost_branches():
     assert guidance_toy.toy_metrics(data, again + 20.0, labels, exact, jax.random.key(2))['outliers'] == 1
 
 
-def test_sweep_on_the_tiny_run_with_itself_as_guide(run_dir, tmp_path, monkeypatch, capsys):
+def test_sweep_on_the_tiny_run_with_itself_as_guide(run_dir, tmp_path, capsys):
     """Guided by itself, every autoguidance row equals the unguided one; the interval saves evaluations."""
-    monkeypatch.setenv('JAXDIFF_CACHE', str(tmp_path / 'cache'))
     out = tmp_path / 'sweep'
     assert cli.main(['--workdir', run_dir, '--guide', run_dir, '--cfg_weights', '2', '--autoguidance_weights', '3',
                      '--intervals', '0.5:5', '--num_samples', '40', '--num_steps', '3', '--batch_size', '20',

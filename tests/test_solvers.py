@@ -56,7 +56,7 @@ def _f64(a):
 @pytest.mark.parametrize("mix", ["ring", "image"])
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_lands_on_mixture_and_improves_with_steps(name, mix):
-    gm, n = (RING, 4000) if mix == "ring" else (IMAGE, 4000)
+    gm, n = (RING, 4000) if mix == "ring" else (IMAGE, 2000)
     fn, shared, coarse, fine, _ = SOLVERS[name]
     shared = dict(shared)
     true, _ = toy.sample(gm, jax.random.key(1), n)

@@ -3,6 +3,7 @@ checkpoints (what kill -9 leaves on disk: the checkpoints before the last) resum
 the uninterrupted run, and 8 fake devices train the 1-device run to float tolerance. The 8-device subprocess runs while
 this process trains the references (XLA compiles on one core each). The engine's own behaviours (kill -9 of a live
 process, SIGTERM, process counts) are tested against a fake task in tests/test_engine.py."""
+import json
 import os
 import shutil
 import subprocess
@@ -65,6 +66,9 @@ def test_task_resumes_bitwise_after_a_crash(name, eight_devices, tiny_runs, tiny
     assert summary['resumed_from'] == kept[-1] and summary['step'] == finished['step']
     for got, want in zip(leaves(workdir), leaves(reference), strict=True):
         np.testing.assert_array_equal(got, want)
+    if name == 'trigger':  # the finished run's report too (its wall time aside)
+        reports = [json.load(open(os.path.join(d, 'trigger.json'))) for d in (reference, workdir)]
+        assert dict(reports[0], seconds=0) == dict(reports[1], seconds=0)
 
 
 # Largest |8 devices - 1 device| over the final state. The trigger's L1 term pulls each weight by lr * sign(theta -

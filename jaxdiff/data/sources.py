@@ -16,13 +16,17 @@ Resolution (``data.resolution``, rule shared by all sources): 0 or the native si
 multiple of the native side upsamples by pixel replication (nearest; digits 8 -> 16/32 keep filling the frame);
 any other larger side zero-pads to the centre (Fashion-MNIST 28 -> 32, extra row/column at the bottom/right);
 smaller sides are an error (no downscaling). Images must be square.
+
+Subset (``data.max_size``, configs that have it): EDM's ``Dataset(max_size=...)`` rule, a shuffle of the indices
+by ``np.random.RandomState(0)`` whose first ``max_size`` are kept in sorted order (:func:`subset_indices`); the
+images left out are the natural non-members for a membership audit.
 """
 from __future__ import annotations
 
 import gzip
 import json
 import os
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
@@ -57,18 +61,30 @@ class ArraySource:
 
 
 class FittedSource:
-    """Wraps a source: images brought to ``resolution`` (see :func:`fit_resolution`), labels int32 or zeros."""
+    """Wraps a source: images brought to ``resolution`` (see :func:`fit_resolution`), labels int32 or zeros; with
+    ``indices`` (int (M,)), only those items of ``source``, in that order."""
 
-    def __init__(self, source: Any, resolution: int, use_labels: bool):
-        self.source, self.resolution, self.use_labels = source, resolution, use_labels
+    def __init__(self, source: Any, resolution: int, use_labels: bool, indices: Optional[np.ndarray] = None):
+        self.source, self.resolution, self.use_labels, self.indices = source, resolution, use_labels, indices
 
     def __len__(self) -> int:
-        return len(self.source)
+        return len(self.source) if self.indices is None else len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        item = self.source[index]
+        item = self.source[index if self.indices is None else int(self.indices[index])]
         label = item['label'] if self.use_labels else 0
         return dict(image=fit_resolution(item['image'], self.resolution), label=np.int32(label))
+
+
+def subset_indices(size: int, max_size: int, seed: int = 0) -> Optional[np.ndarray]:
+    """The indices (sorted int64 (max_size,)) of a ``size``-item source kept by ``max_size``, or None when it keeps
+    all (0 or >= size). EDM's rule: ``np.random.RandomState(seed).shuffle`` of ``arange(size)``, the first
+    ``max_size`` sorted (EDM's ``Dataset`` default seed is 0)."""
+    if max_size <= 0 or max_size >= size:
+        return None
+    order = np.arange(size)
+    np.random.RandomState(seed % (1 << 31)).shuffle(order)
+    return np.sort(order[:max_size])
 
 
 def fit_resolution(image: np.ndarray, resolution: int) -> np.ndarray:
@@ -256,5 +272,7 @@ def make_source(config: Any) -> tuple[FittedSource, DatasetInfo]:
     source, shape, num_classes = _raw_source(config)
     resolution = check_resolution(shape, config.resolution, f'data.source={config.source}')
     num_classes = num_classes if config.use_labels else 0
-    info = DatasetInfo(resolution=resolution, channels=shape[2], num_classes=num_classes, size=len(source))
-    return FittedSource(source, config.resolution, num_classes > 0), info
+    indices = subset_indices(len(source), config.get('max_size', 0))
+    fitted = FittedSource(source, config.resolution, num_classes > 0, indices)
+    info = DatasetInfo(resolution=resolution, channels=shape[2], num_classes=num_classes, size=len(fitted))
+    return fitted, info
