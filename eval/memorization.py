@@ -30,7 +30,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from jaxdiff.cli import argument_parser, fail, json_line
+from jaxdiff.cli import argument_parser, run_eval
 from jaxdiff.evaluation import memorization as mem
 
 PROG = 'eval.memorization'
@@ -96,42 +96,39 @@ def _training_data(args, log) -> mem.TrainingData:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point (see the module docstring)."""
-    from jaxdiff.engine.checkpoint import CheckpointError
     args = parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    try:
+
+    def compute() -> dict:
         train = _training_data(args, log)
-        if args.membership:
-            from jaxdiff.sampling.model import load_model
-            model = load_model(args.workdir, step=args.step)
-            if model.latent_shape is not None:
-                raise ValueError(f'{args.workdir} is a latent diffusion run: membership by pixel-space denoising '
-                                 'loss does not apply (its loss lives in the latent space)')
-            result = mem.membership_audit(model.denoiser(model.variables), model.label_dim, train,
-                                          sigmas=args.sigmas, draws=args.draws, num=args.num, seed=args.seed,
-                                          log=log)
-            result = mem.write_membership(result, args.out)
-            for sigma, row in result['per_sigma'].items():
-                log(f'sigma {sigma}: AUC {row["auc"]:.3f}, TPR@1%FPR {row["tpr_at_fpr"]["0.01"]:.3f}, '
-                    f'accuracy {row["accuracy"]:.3f}')
-            row = result['eps_mean']
-            log(f'eps-loss mean: AUC {row["auc"]:.3f}, TPR@1%FPR {row["tpr_at_fpr"]["0.01"]:.3f}')
-        else:
-            batches = mem.sample_batches(args.samples, args.allow_incomplete, train)
-            audit = mem.extraction_audit(batches, train, n=args.n, alpha=args.alpha, threshold=args.threshold,
-                                         neighbours=args.neighbours, log=log)
-            result = mem.write_extraction(audit, train, args.out)
-            log(f'{result["extracted"]:,} of {result["num_samples"]:,} samples extracted (l < {args.threshold:g}): '
-                f'rate {result["extraction_rate"]:.4%}; median l {result["l_quantiles"]["0.5"]:.3f}; '
-                f'files in {args.out}')
-            result = {k: v for k, v in result.items() if k != 'extracted_samples'}
-        result['out'] = args.out
-        line = json_line(result, args.json)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
-        fail(PROG, str(e), 1)
-    print(line, flush=True)
+        result = _membership(args, train, log) if args.membership else _extraction(args, train, log)
+        return dict(result, out=args.out)
+    return run_eval(PROG, compute, args.json)
+
+
+def _membership(args, train: mem.TrainingData, log) -> dict:
+    from jaxdiff.sampling.model import load_model
+    model = load_model(args.workdir, step=args.step)
+    if model.latent_shape is not None:
+        raise ValueError(f'{args.workdir} is a latent diffusion run: membership by pixel-space denoising loss does '
+                         'not apply (its loss lives in the latent space)')
+    result = mem.membership_audit(model.denoiser(model.variables), model.label_dim, train, sigmas=args.sigmas,
+                                  draws=args.draws, num=args.num, seed=args.seed, log=log)
+    result = mem.write_membership(result, args.out)
+    for name, row in list(result['per_sigma'].items()) + [('eps-loss mean', result['eps_mean'])]:
+        log(f'{"sigma " + name if name[0].isdigit() else name}: AUC {row["auc"]:.3f}, TPR@1%FPR '
+            f'{row["tpr_at_fpr"]["0.01"]:.3f}, accuracy {row["accuracy"]:.3f}')
     return result
 
+
+def _extraction(args, train: mem.TrainingData, log) -> dict:
+    batches = mem.sample_batches(args.samples, args.allow_incomplete, train)
+    audit = mem.extraction_audit(batches, train, n=args.n, alpha=args.alpha, threshold=args.threshold,
+                                 neighbours=args.neighbours, log=log)
+    result = mem.write_extraction(audit, train, args.out)
+    log(f'{result["extracted"]:,} of {result["num_samples"]:,} samples extracted (l < {args.threshold:g}): '
+        f'rate {result["extraction_rate"]:.4%}; median l {result["l_quantiles"]["0.5"]:.3f}; files in {args.out}')
+    return {k: v for k, v in result.items() if k != 'extracted_samples'}
 
 if __name__ == '__main__':
     main()

@@ -26,7 +26,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from jaxdiff.cli import argument_parser, fail, json_line, text_table
+from jaxdiff.cli import argument_parser, run_eval, text_table
 from jaxdiff.evaluation import memorization as mem
 from jaxdiff.evaluation import provenance as prov
 
@@ -110,32 +110,26 @@ def _image_set(spec: str, shape: tuple, num: int, workdir: str) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point (see the module docstring)."""
-    from jaxdiff.engine.checkpoint import CheckpointError
     args = parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    try:
-        if args.oracle:
-            result = _oracle(args)
-            log(text_table(result['rows'], ('steps', 'rms', 'max'), 6))
-        else:
-            from jaxdiff.sampling.model import load_model
-            model = load_model(args.workdir, step=args.step)
-            shape = (model.resolution, model.resolution, model.channels)
-            real = _image_set(args.real, shape, args.num, args.workdir)
-            fakes = {spec: _image_set(spec, shape, args.num, args.workdir) for spec in args.fake}
-            detection = prov.detect(model, real, fakes, statistics=args.statistic, num_steps=args.steps,
-                                    sigma_max=args.sigma_max, sigmas=args.sigmas, draws=args.draws,
-                                    order=args.order, seed=args.seed, log=log)
-            result = prov.write_detection(detection, args.out)
-            rows = [dict(r, tpr_1pct=r['tpr_at_fpr']['0.01']) for r in result['rows']]
-            log(text_table(rows, ('statistic', 'fake', 'auc', 'tpr_1pct', 'accuracy'), 3))
-            result['out'] = args.out
-        line = json_line(result, args.json)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
-        fail(PROG, str(e), 1)
-    print(line, flush=True)
-    return result
+    if args.oracle:
+        return run_eval(PROG, lambda: _oracle(args), args.json,
+                        lambda r: text_table(r['rows'], ('steps', 'rms', 'max'), 6))
+    return run_eval(PROG, lambda: _detection(args, log), args.json, lambda r: text_table(
+        [dict(row, tpr_1pct=row['tpr_at_fpr']['0.01']) for row in r['rows']],
+        ('statistic', 'fake', 'auc', 'tpr_1pct', 'accuracy'), 3))
 
+
+def _detection(args, log) -> dict:
+    from jaxdiff.sampling.model import load_model
+    model = load_model(args.workdir, step=args.step)
+    shape = (model.resolution, model.resolution, model.channels)
+    real = _image_set(args.real, shape, args.num, args.workdir)
+    fakes = {spec: _image_set(spec, shape, args.num, args.workdir) for spec in args.fake}
+    detection = prov.detect(model, real, fakes, statistics=args.statistic, num_steps=args.steps,
+                            sigma_max=args.sigma_max, sigmas=args.sigmas, draws=args.draws, order=args.order,
+                            seed=args.seed, log=log)
+    return dict(prov.write_detection(detection, args.out), out=args.out)
 
 if __name__ == '__main__':
     main()

@@ -56,7 +56,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 
-from jaxdiff.cli import argument_parser, fail, json_line, text_table
+from jaxdiff.cli import argument_parser, run_eval, text_table
 from jaxdiff.evaluation.robustness import AA_STANDARD, DEFAULT_RADII, evaluate_run, parse_attacks
 
 PROG = 'eval.robustness'
@@ -180,21 +180,17 @@ def run(args: argparse.Namespace, log: Callable[[str], None]) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point (see the module docstring)."""
     from jaxdiff.cli import quiet_checkpoint_echoes
-    from jaxdiff.engine.checkpoint import CheckpointError
     args = parse_args(argv)
     quiet_checkpoint_echoes()
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    try:
+
+    def compute() -> dict:
         begin = time.time()
         result = run(args, log)
         result['seconds'] = round(time.time() - begin, 1)
-        line = json_line(result, args.json)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
-        fail(PROG, str(e), 1)
-    log(text_table(table_rows(result), ('metric', 'accuracy', 'settings'), 4))
-    print(line, flush=True)
-    return result
-
+        return result
+    return run_eval(PROG, compute, args.json,
+                    lambda r: text_table(table_rows(r), ('metric', 'accuracy', 'settings'), 4))
 
 if __name__ == '__main__':
     main()

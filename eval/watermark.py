@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from jaxdiff.cli import argument_parser, fail, json_line, text_table
+from jaxdiff.cli import argument_parser, run_eval, text_table
 from jaxdiff.evaluation.watermark import read_bits, run_decode, run_trigger, run_weight_noise
 
 PROG = 'eval.watermark'
@@ -80,33 +80,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point (see the module docstring)."""
-    from jaxdiff.engine.checkpoint import CheckpointError
     args = parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)
-    try:
+    columns = {'trigger': ('trigger_mse', 'base_trigger_mse', 'fd', 'base_fd', 'fd_ratio'),
+               'decode': ('perturbation', 'bit_acc', 'all_bits', 'n'),
+               'weight_noise': ('weight_noise', 'bit_acc', 'all_bits', 'fd', 'seconds')}[args.mode]
+
+    def compute() -> dict:
         begin = time.time()
         if args.mode == 'trigger':
             result = run_trigger(args.trigger, args.base, args.num_samples, log)
-            rows, columns = [result], ('trigger_mse', 'base_trigger_mse', 'fd', 'base_fd', 'fd_ratio')
         else:
             from jaxdiff.tasks.watermark_codec import load_codec
             codec = load_codec(args.decoder)
             bits = read_bits(args.bits, args.embedded, int(codec.config.num_bits))
             if args.mode == 'decode':
                 result = run_decode(codec, args.samples, bits, args.perturb, args.seed, args.allow_incomplete)
-                rows, columns = result['rows'], ('perturbation', 'bit_acc', 'all_bits', 'n')
             else:
                 result = run_weight_noise(codec, args.workdir, bits, args.weight_noise, args.num_samples,
                                           args.seed, log)
-                rows, columns = result['rows'], ('weight_noise', 'bit_acc', 'all_bits', 'fd', 'seconds')
         result['seconds'] = round(time.time() - begin, 1)
-        line = json_line(result, args.json)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
-        fail(PROG, str(e), 1)
-    log(text_table(rows, columns, 4))
-    print(line, flush=True)
-    return result
-
+        return result
+    return run_eval(PROG, compute, args.json,
+                    lambda r: text_table([r] if args.mode == 'trigger' else r['rows'], columns, 4))
 
 if __name__ == '__main__':
     main()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 
 class UsageError(ValueError):
@@ -142,3 +142,20 @@ def json_line(result: dict, path: str | None = None) -> str:
         write_json(path, result)
     return json.dumps(result)
 
+
+
+def run_eval(prog: str, compute: Callable[[], dict], json_path: str | None = None,
+             table: Optional[Callable[[dict], str]] = None) -> dict:
+    """An eval command's body: ``compute()`` -> its result; bad input (ValueError, a missing file or run, an unusable
+    checkpoint) ends in one ``<prog>: error:`` line and exit 1; otherwise ``table(result)`` (if given) goes to
+    stderr and the result as one JSON line (also written to ``json_path``) is the last stdout line."""
+    from jaxdiff.engine.checkpoint import CheckpointError
+    try:
+        result = compute()
+        line = json_line(result, json_path)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError, CheckpointError) as e:
+        fail(prog, str(e), 1)
+    if table is not None:
+        print(table(result), file=sys.stderr, flush=True)
+    print(line, flush=True)
+    return result

@@ -84,8 +84,7 @@ def _main(argv, monkeypatch=None):
     if monkeypatch is not None:
         def fake_fail(prog, message, code):
             raise Failed(f'{prog}: error: {" ".join(str(message).split())}', code)
-        monkeypatch.setattr(R, 'fail', fake_fail)
-        monkeypatch.setattr(cli, 'fail', fake_fail)  # argparse errors go through jaxdiff.cli.argument_parser
+        monkeypatch.setattr(cli, 'fail', fake_fail)  # argparse and evaluation errors both end in jaxdiff.cli.fail
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         result = R.main(argv)

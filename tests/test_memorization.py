@@ -207,3 +207,23 @@ def test_filter_drops_exactly_the_planted_copies(tmp_path):
     assert out.endswith('unmemorized') and manifest['memorized_dropped'] == 3 and manifest['num_input'] == 40
     with pytest.raises(ValueError, match='nothing to filter'):
         sfilter.filter_folder(str(tmp_path / 's'))
+
+
+def test_cli_errors_are_one_line_and_the_oracle_prints_its_table(env, tmp_path):
+    from conftest import run_together
+    cases = [(['eval.memorization', '--out', str(tmp_path)], 2, 'choose one: --samples DIR'),
+             (['eval.memorization', '--samples', str(tmp_path / 'none'), '--train', 'digits:all', '--out',
+               str(tmp_path)], 1, 'is not an image set'),
+             (['eval.memorization', '--membership', '--workdir', str(tmp_path / 'none'), '--out', str(tmp_path)],
+              1, 'run directory not found'),
+             (['eval.provenance', '--workdir', str(tmp_path)], 2, 'detection needs --workdir RUN --real SPEC'),
+             (['eval.provenance', '--oracle', '--steps', '4,8', '--order', '2'], 0, '')]
+    results = run_together([[sys.executable, '-m', *argv] for argv, _, _ in cases], env, ROOT)
+    for (argv, code, needle), (returncode, stdout, stderr) in zip(cases, results):
+        assert returncode == code, (argv, stderr[-2000:])
+        if code:
+            lines = stderr.strip().splitlines()
+            assert stdout == '' and lines[-1].startswith(f'{argv[0]}: error:') and needle in lines[-1], stderr
+            assert 'Traceback' not in stderr
+    oracle = json.loads(results[-1][1].strip().splitlines()[-1])
+    assert [r['steps'] for r in oracle['rows']] == [4, 8] and oracle['rows'][1]['rms'] < oracle['rows'][0]['rms']
