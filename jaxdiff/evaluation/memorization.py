@@ -174,7 +174,7 @@ def extraction_audit(batches: Iterable[dict], train: TrainingData, *, n: int = N
 
     Returns {'per_sample': {'seeds', 'labels', 'nn_index' (into train.images), 'nn_flipped' (bool: the match is
     the mirrored image), 'nn_distance', 'mean_distance' (the denominator before alpha), 'l'} (each (Q,)),
-    'kept': {'images', 'rows'} (the ``keep`` lowest-l samples plus every extracted one, for the picture),
+    'kept': {'images', 'rows'} (the ``keep`` lowest-l samples, for the picture),
     'summary': {...}} with the counts, the extraction rate and quantiles of l.
     """
     if neighbours not in NEIGHBOURS:
@@ -187,7 +187,7 @@ def extraction_audit(batches: Iterable[dict], train: TrainingData, *, n: int = N
     search = NearestSearch(reference, n)
     parts: dict[str, list] = {k: [] for k in ('seeds', 'labels', 'nn_index', 'nn_distance', 'mean_distance')}
     kept_images, kept_rows, kept_l = np.zeros((0,) + shape, np.uint8), np.zeros(0, np.int64), np.zeros(0)
-    start, done = time.time(), 0
+    start, done, below = time.time(), 0, 0
     for batch in batches:
         images = np.asarray(batch['images'])
         if images.shape[1:] != shape:
@@ -205,19 +205,18 @@ def extraction_audit(batches: Iterable[dict], train: TrainingData, *, n: int = N
             parts['seeds'].append(rows if seeds is None else np.asarray(seeds)[lo:lo + len(part)])
             parts['labels'].append(np.full(len(part), -1) if labels is None else np.asarray(labels)[lo:lo + len(part)])
             l = normalised_distance(found.distances, alpha)
-            # the picture's candidates: the lowest l so far, plus every extracted one (the 'train' variant
-            # rescales l after the stream, so its picks are by the sample-neighbourhood l)
-            pick = np.flatnonzero(l < threshold) if neighbours == 'sample' else np.zeros(0, np.int64)
-            pick = np.union1d(pick, np.argsort(l, kind='stable')[:keep])
+            below += int(np.sum(l < threshold))
+            # the picture's candidates: the ``keep`` lowest l so far (by the sample-neighbourhood l: the 'train'
+            # variant's l is known after the stream)
+            pick = np.argsort(l, kind='stable')[:keep]
             kept_images = np.concatenate([kept_images, part[pick]])
             kept_rows, kept_l = np.concatenate([kept_rows, rows[pick]]), np.concatenate([kept_l, l[pick]])
-            order = np.argsort(kept_l, kind='stable')
-            cut = max(keep, int(np.sum(kept_l < threshold)))
-            kept_images, kept_rows, kept_l = kept_images[order[:cut]], kept_rows[order[:cut]], kept_l[order[:cut]]
+            order = np.argsort(kept_l, kind='stable')[:keep]
+            kept_images, kept_rows, kept_l = kept_images[order], kept_rows[order], kept_l[order]
             done += len(part)
             log(f'extraction audit: {done:,} samples searched against {len(train.images):,} training images '
-                f'({done / max(time.time() - start, 1e-9):,.0f} samples/s), {int(np.sum(kept_l < threshold))} '
-                'below the threshold so far')
+                f'({done / max(time.time() - start, 1e-9):,.0f} samples/s), {below:,} with sample-neighbourhood '
+                f'l < {threshold:g} so far')
     if done == 0:
         raise ValueError('no samples to audit')
     out = {k: np.concatenate(v) for k, v in parts.items()}
@@ -277,16 +276,18 @@ def write_extraction(result: dict, train: TrainingData, out_dir: str) -> dict:
     summary['extracted_samples'] = [dict(seed=int(per['seeds'][i]), label=int(per['labels'][i]),
                                          train_index=int(per['nn_index'][i]), flipped=bool(per['nn_flipped'][i]),
                                          l=float(per['l'][i]), l2=float(per['nn_distance'][i])) for i in extracted]
-    rows = result['kept']['rows']
-    shown = rows if len(extracted) == 0 else rows[per['l'][rows] < summary['threshold']]
-    shown_images = result['kept']['images'][np.isin(rows, shown)][:GRID_PAIRS]
-    shown = shown[:GRID_PAIRS]
+    shown, images = result['kept']['rows'], result['kept']['images']  # ordered by l
+    if len(extracted):
+        mask = per['l'][shown] < summary['threshold']
+        shown, images = shown[mask], images[mask]
+    shown, images = shown[:GRID_PAIRS], images[:GRID_PAIRS]
     if len(shown):
         from PIL import Image
-        grid = pairs_grid(shown_images, train.images[per['nn_index'][shown]], per['nn_flipped'][shown])
+        grid = pairs_grid(images, train.images[per['nn_index'][shown]], per['nn_flipped'][shown])
         Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(os.path.join(out_dir, 'extracted.png'))
-    summary['grid'] = dict(file='extracted.png', shows='extracted samples' if len(extracted) else
-                           f'the {len(shown)} closest samples (none extracted)', pairs='sample | training neighbour')
+    summary['grid'] = dict(file='extracted.png', shows=f'the {len(shown)} extracted samples of lowest l' if
+                           len(extracted) else f'the {len(shown)} closest samples (none extracted)',
+                           pairs='sample | training neighbour')
     histogram_png([per['l']], [f'{summary["num_samples"]:,} samples'], 'normalised distance l',
                   os.path.join(out_dir, 'l_histogram.png'), vline=summary['threshold'])
     with open(os.path.join(out_dir, 'extraction.json'), 'w') as f:

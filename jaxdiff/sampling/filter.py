@@ -72,6 +72,8 @@ def filter_folder(in_dir: str, fraction: Optional[float] = None, classifier: Opt
     if manifest is None or not manifest.get('complete'):
         raise ValueError(f'{in_dir} is not a complete sample folder; finish sampling (rerun sample.py) first')
     data = shards.load_samples(in_dir)
+    if fraction is not None and (data['labels'] < 0).any():
+        raise ValueError('filtering keeps the best samples of each class; these samples are unconditional')
     keep = np.arange(len(data['seeds']))
     record: dict = {}
     if memorized is not None:
@@ -83,8 +85,6 @@ def filter_folder(in_dir: str, fraction: Optional[float] = None, classifier: Opt
         log(f'dropped {len(l) - len(keep):,} of {len(l):,} samples with l < {memorized.threshold:g} (smallest l '
             f'{l.min():.3f})')
     if fraction is not None:
-        if (data['labels'] < 0).any():
-            raise ValueError('filtering keeps the best samples of each class; these samples are unconditional')
         from jaxdiff.tasks.feature_classifier import load_or_train
         net = load_or_train(classifier, log=log)
         log(f'scoring {len(keep):,} samples with {classifier} (held-out accuracy {net.accuracy:.3f})')
