@@ -143,7 +143,6 @@ def json_line(result: dict, path: str | None = None) -> str:
     return json.dumps(result)
 
 
-
 def run_eval(prog: str, compute: Callable[[], dict], json_path: str | None = None,
              table: Optional[Callable[[dict], str]] = None) -> dict:
     """An eval command's body: ``compute()`` -> its result; bad input (ValueError, a missing file or run, an unusable

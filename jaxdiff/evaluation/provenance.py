@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.metrics.denoising_loss import denoising_losses, eps_space, model_batches
 from jaxdiff.metrics.roc import roc_summary
 from jaxdiff.solvers.ode_path import inversion_grid, ode_path
 
@@ -51,17 +52,8 @@ def dire_maps(denoiser: Callable, images: np.ndarray, labels: Optional[np.ndarra
         return jnp.abs(reconstruct(denoiser, x, grid, cond=cond, order=order) - x) / 2
 
     out = []
-    for lo in range(0, len(images), batch_size):
-        part = images[lo:lo + batch_size]
-        n = len(part)
-        pad = batch_size - n if len(images) > batch_size else 0
-        x = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)]).astype(np.float32) / 127.5 - 1
-        cond = None
-        if label_dim:
-            if labels is None:
-                raise ValueError('the model is class-conditional: DIRE needs the images\' labels')
-            cond = jax.nn.one_hot(np.concatenate([labels[lo:lo + n], np.zeros(pad, np.int64)]), label_dim)
-        out.append(np.asarray(batch_dire(jnp.asarray(x), cond))[:n])
+    for lo, n, x, cond in model_batches(images, labels, label_dim, batch_size):
+        out.append(np.asarray(batch_dire(x, cond))[:n])
         if log:
             log(f'DIRE: {lo + n:,} / {len(images):,} images')
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:], np.float32)
@@ -86,7 +78,6 @@ def statistic_scores(model, images: np.ndarray, labels: Optional[np.ndarray], st
                      log: Callable[[str], None]) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """(scores (N,) higher = 'generated', DIRE maps (N, H, W, C) or None) of ``images`` under ``model`` (a
     :class:`jaxdiff.sampling.model.Model`)."""
-    from jaxdiff.metrics.denoising_loss import denoising_losses, eps_space
     denoiser = model.denoiser(model.variables)
     if statistic == 'dire':
         maps = dire_maps(denoiser, images, labels, model.label_dim, num_steps=num_steps,

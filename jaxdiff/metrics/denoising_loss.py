@@ -8,7 +8,7 @@ in either space, and :func:`eps_space` converts for averages over levels.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,25 @@ import numpy as np
 def eps_space(losses: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
     """x0-space losses (N, S) at ``sigmas`` (S,) -> epsilon-space ||eps - eps_hat||^2 per pixel (N, S)."""
     return np.asarray(losses) / np.square(np.asarray(sigmas, np.float64))
+
+
+def model_batches(images: np.ndarray, labels: Optional[np.ndarray], label_dim: int, batch_size: int
+                  ) -> Iterator[tuple[int, int, jax.Array, Optional[jax.Array]]]:
+    """uint8 images (N, H, W, C) as a model's inputs, batch by batch: (first row, rows n, x float32 (B, H, W, C) in
+    [-1, 1], one-hot labels (B, label_dim) or None). Every batch has B = ``batch_size`` rows when N exceeds it (the
+    last padded with zeros past its n real rows: one compiled shape), else B = N."""
+    if label_dim and labels is None:
+        raise ValueError('the model is class-conditional: give the images\' labels')
+    for lo in range(0, len(images), batch_size):
+        part = images[lo:lo + batch_size]
+        n = len(part)
+        pad = batch_size - n if len(images) > batch_size else 0
+        x = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)]).astype(np.float32) / 127.5 - 1
+        cond = None
+        if label_dim:
+            cond = jax.nn.one_hot(np.concatenate([labels[lo:lo + n], np.zeros(pad, np.int64)]), label_dim,
+                                  dtype=jnp.float32)
+        yield lo, n, jnp.asarray(x), cond
 
 
 def denoising_losses(denoiser: Callable, images: np.ndarray, labels: Optional[np.ndarray], label_dim: int,
@@ -33,8 +52,6 @@ def denoising_losses(denoiser: Callable, images: np.ndarray, labels: Optional[np
     sigmas = [float(s) for s in sigmas]
     if not sigmas or min(sigmas) <= 0 or draws < 1:
         raise ValueError(f'denoising losses need positive sigmas and draws >= 1, got sigmas={sigmas}, draws={draws}')
-    if label_dim and labels is None:
-        raise ValueError('the model is class-conditional: give the images\' labels')
     levels = jnp.asarray(sigmas, jnp.float32)
 
     @jax.jit
@@ -52,17 +69,9 @@ def denoising_losses(denoiser: Callable, images: np.ndarray, labels: Optional[np
         return per.reshape(len(sigmas), draws, -1).mean(axis=1).T
 
     out = []
-    for lo in range(0, len(images), batch_size):
-        part = images[lo:lo + batch_size]
-        n = len(part)
-        pad = batch_size - n if len(images) > batch_size else 0  # one compiled shape for every batch
-        x = np.concatenate([part, np.zeros((pad,) + part.shape[1:], part.dtype)]).astype(np.float32) / 127.5 - 1
-        cond = None
-        if label_dim:
-            lab = np.concatenate([labels[lo:lo + n], np.zeros(pad, np.int64)])
-            cond = jax.nn.one_hot(lab, label_dim, dtype=jnp.float32)
-        index = jnp.arange(lo, lo + n + pad, dtype=jnp.uint32)
-        out.append(np.asarray(batch_losses(jnp.asarray(x), cond, index))[:n])
+    for lo, n, x, cond in model_batches(images, labels, label_dim, batch_size):
+        index = jnp.arange(lo, lo + len(x), dtype=jnp.uint32)
+        out.append(np.asarray(batch_losses(x, cond, index))[:n])
         if log and (lo // batch_size) % 10 == 9:
             log(f'denoising losses: {lo + n:,} / {len(images):,} images')
     return np.concatenate(out) if out else np.zeros((0, len(sigmas)), np.float32)
